@@ -1,0 +1,52 @@
+"""Tiny random MoE models built from the families' REAL transformers config classes.
+
+For tests, examples and benchmarks: hidden 64, 2 layers, 8 experts, top-2 by default.
+The config kwargs per family are the minimum each class needs to build at that size.
+"""
+from __future__ import annotations
+
+import torch
+
+_COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+               intermediate_size=64, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+_DEEPSEEK = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_group=4, topk_group=2,
+                 first_k_dense_replace=0, n_shared_experts=1)
+
+TINY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "mixtral": ("MixtralConfig", dict(num_local_experts=8, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=32)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)),
+    "olmoe": ("OlmoeConfig", dict(num_experts=8, num_experts_per_tok=2)),
+    "deepseek_v3": ("DeepseekV3Config", dict(_DEEPSEEK, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+                                             qk_nope_head_dim=8, v_head_dim=16)),
+    "glm4_moe": ("Glm4MoeConfig", dict(_DEEPSEEK)),
+    "dots1": ("Dots1Config", dict(_DEEPSEEK)),
+    "gpt_oss": ("GptOssConfig", dict(num_local_experts=8, num_experts_per_tok=2, head_dim=16)),
+    "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=8, num_experts_per_tok=2)),
+    "granitemoeshared": ("GraniteMoeSharedConfig", dict(num_local_experts=8, num_experts_per_tok=2,
+                                                        shared_intermediate_size=32)),
+    "phimoe": ("PhimoeConfig", dict(num_local_experts=8, num_experts_per_tok=2)),
+    "llama4_text": ("Llama4TextConfig", dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size_mlp=64,
+                                             head_dim=16, interleave_moe_layer_step=1)),
+    "minimax": ("MiniMaxConfig", dict(num_local_experts=8, num_experts_per_tok=2, head_dim=16)),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(num_experts=8, moe_topk=2, head_dim=16)),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32,
+                                                moe_layer_start_index=0)),
+}
+
+
+def tiny_config(family: str, **overrides):
+    import transformers
+
+    class_name, kwargs = TINY_CONFIGS[family]
+    return getattr(transformers, class_name)(**{**_COMMON, **kwargs, **overrides})
+
+
+def build_tiny_model(family: str, seed: int = 0, **overrides):
+    """A randomly initialised causal LM of `family` (eval mode, float32)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
+    return model.eval()

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# README command (a): create/refresh .venv, install, open the dashboard on the embedded demo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup_env.sh runtime
+exec .venv/bin/python -m streamlit run app/main.py --server.address 127.0.0.1 --server.port "${PORT:-8501}" \
+  --server.headless "${HEADLESS:-false}" --browser.gatherUsageStats false "$@"
