@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .base import Batch, MethodArgs, MethodLoss, UnlearningMethod, forward_logits, reduce_nll, register_method, token_nll
+from .base import (Batch, MethodArgs, MethodLoss, UnlearningMethod, forward_logits, reduce_nll, register_method,
+                   token_nll)
 
 
 @dataclass

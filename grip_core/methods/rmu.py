@@ -41,7 +41,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layer list of an HF causal LM (`model.model.layers`)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"RMU needs model.model.layers (a ModuleList of decoder layers); {type(model).__name__} has none")
+        raise ValueError(f"RMU needs model.model.layers (the decoder layers); {type(model).__name__} has none")
     return layers
 
 

@@ -35,9 +35,18 @@ def load_model(name_or_path: str | Path = "demo", device: str | torch.device = "
 
     path = DEMO_MODEL_DIR if str(name_or_path) == "demo" else Path(name_or_path).expanduser()
     _check_dir(path)
+    kwargs = dict(trust_remote_code=False, use_safetensors=True, dtype=dtype, local_files_only=True)
+    if torch.device(device).type == "cpu":
+        # transformers' default fused-experts kernel (grouped_mm) is ~10x slower than eager on CPU
+        kwargs["experts_implementation"] = "eager"
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False, use_safetensors=True,
-                                                     dtype=dtype, local_files_only=True)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        except (TypeError, ValueError) as exc:
+            if "experts_implementation" not in str(exc) or "experts_implementation" not in kwargs:
+                raise
+            kwargs.pop("experts_implementation")
+            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except Exception as exc:  # corrupt weights, unknown architecture, ...
         raise ModelLoadError(f"could not load a causal LM from {path}: {type(exc).__name__}: {exc}") from exc
     tokenizer = None

@@ -1,0 +1,159 @@
+"""Page 5 — Compare: two saved runs (or base vs one run), every figure side by side, from saved summaries only."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from app.lib import state, ui
+from grip_core import viz
+from grip_core.runs.store import list_runs, load_run
+from grip_core.viz.report import null_space_ranks
+
+ui.page_header("Compare", "Base vs unlearned, vanilla vs GRIP: where routing moved, what was kept, and whether the "
+                          "forgetting survives putting the original routers back. Read from the saved runs.")
+
+with ui.guard("Could not read the run store", stop=True):
+    runs = list_runs(state.runs_dir())
+finished = [r for r in runs if r.summary]
+if not runs:
+    st.info(f"No runs in `{state.runs_dir()}` yet. Start one on the **Unlearn** page.", icon=":material/info:")
+    st.stop()
+
+
+def _label(r) -> str:
+    return f"{viz.run_display_name(r.config, r.run_id)} · {r.run_id} · {r.state}"
+
+
+by_path = {str(r.path): r for r in runs}
+paths = list(by_path)
+wanted = [p for p in st.session_state.get("compare_runs", []) if p in by_path]
+c1, c2, c3 = st.columns([1, 3, 3])
+mode = c1.radio("Compare", ["two runs", "base vs one run"], key="cmp_mode")
+default_a = wanted[0] if wanted else paths[min(1, len(paths) - 1)]
+default_b = wanted[1] if len(wanted) > 1 else paths[0]
+pick_a = c2.selectbox("Run A", paths, index=paths.index(default_a), format_func=lambda p: _label(by_path[p]),
+                      key="cmp_a")
+selected = [pick_a]
+if mode == "two runs":
+    pick_b = c3.selectbox("Run B", paths, index=paths.index(default_b), format_func=lambda p: _label(by_path[p]),
+                          key="cmp_b")
+    selected.append(pick_b)
+
+with ui.guard("Could not read the runs", stop=True):
+    loaded = [load_run(p) for p in selected]
+names = []
+for r in loaded:
+    n = viz.run_display_name(r.config, r.run_id)
+    names.append(n if n not in names else f"{n} ({r.run_id[-4:]})")
+colors = {n: viz.run_color(n, viz.report.grip_mode(r.config), i) for i, (n, r) in enumerate(zip(names, loaded))}
+series = {n: viz.run_layer_series(r.summary, r.config) for n, r in zip(names, loaded)}
+for n, r in zip(names, loaded):
+    if r.summary is None:
+        st.warning(f"**{n}** ({r.run_id}) is {r.state}: {r.status.get('reason') or 'no final summary'} — "
+                   "only its step log can be shown.", icon=":material/warning:")
+
+# ----------------------------------------------------------------------------- the headline
+sentence = viz.compare_sentence({n: (r.summary, r.config) for n, r in zip(names, loaded)})
+st.markdown(f"<div style='font-size:1.35rem;line-height:1.5;padding:0.9rem 1.1rem;border-left:6px solid "
+            f"{viz.GRIP};background:#F3F7FB;border-radius:6px;margin:0.4rem 0 1rem 0'>{sentence}</div>",
+            unsafe_allow_html=True)
+heads = viz.runs_table({n: (r.summary, r.config) for n, r in zip(names, loaded)})
+ui.table(heads, "cmp_heads", "runs-headline",
+         column_config={c: st.column_config.NumberColumn(c, format="percent")
+                        for c in heads.columns if c not in ("run", "steps")})
+
+# ----------------------------------------------------------------------------- routing shift
+st.subheader("Routing shift per layer and expert")
+which = st.radio("Tokens", ["retain", "forget"], horizontal=True, key="cmp_shift_split",
+                 help="retain: what should NOT move; forget: what unlearning moved")
+mats = {n: s.get(f"{which}_freq_change") for n, s in series.items()}
+zmax = viz.shared_shift_range(*[m for m in mats.values() if m])
+cols = st.columns(len(names), gap="medium")
+for i, (col, n) in enumerate(zip(cols, names)):
+    with col:
+        s = series[n]
+        if not mats[n]:
+            st.info(f"{n}: no {which}-set routing in its summary.", icon=":material/info:")
+            continue
+        fig = viz.routing_shift_heatmap(mats[n], s["layers"], title=n,
+                                        subtitle=f"{which} tokens: share of routing slots, unlearned − base (pp)",
+                                        zmax=zmax, freq_base=s.get(f"{which}_freq_base"),
+                                        freq_new=s.get(f"{which}_freq_new"))
+        ui.figure(fig, key=f"cmp_shift_{i}", file_name=f"routing-shift-{which}-{i}")
+
+# ----------------------------------------------------------------------------- stability / shift
+st.subheader("Stability and selection shift")
+col1, col2 = st.columns(2, gap="medium")
+with col1:
+    ok = {n: s for n, s in series.items() if s.get("stability")}
+    if ok:
+        ui.figure(viz.stability_compare_bars(ok, colors=colors), key="cmp_stab", file_name="retained-stability")
+    else:
+        st.info("No retained-routing stability in these summaries.", icon=":material/info:")
+with col2:
+    ok = {n: s for n, s in series.items() if s.get("shift")}
+    if ok:
+        ui.figure(viz.selection_shift_bars(ok, colors=colors), key="cmp_fshift", file_name="forget-selection-shift")
+    else:
+        st.info("No forget-set selection shift in these summaries.", icon=":material/info:")
+
+st.subheader("Router or input drift? (attribution)")
+cols = st.columns(len(names), gap="medium")
+for i, (col, n) in enumerate(zip(cols, names)):
+    with col:
+        s = series[n]
+        if s.get("stability_actual"):
+            ui.figure(viz.stability_bars(s["layers"], s, name=n, color=colors[n]), key=f"cmp_attr_{i}",
+                      file_name=f"attribution-{i}")
+        else:
+            st.info(f"{n}: no attribution in its summary.", icon=":material/info:")
+ok = {n: s for n, s in series.items() if s.get("router_contribution")}
+if ok:
+    ui.figure(viz.attribution_bars(ok, colors=colors), key="cmp_attr_split", file_name="shift-attribution")
+
+# ----------------------------------------------------------------------------- null space
+ranked = [(n, null_space_ranks(r.grip_ranks or (r.summary or {}).get("grip"))) for n, r in zip(names, loaded)]
+ranked = [(n, nr) for n, nr in ranked if nr]
+if ranked:
+    st.subheader("GRIP null-space rank")
+    st.caption("How many directions each router row may still move in under GRIP's equality constraint. "
+               "0 = the row is frozen; the threshold decides whether GRIP is plastic at all.")
+    cols = st.columns(len(ranked), gap="medium")
+    for i, (col, (n, nr)) in enumerate(zip(cols, ranked)):
+        with col:
+            sub = "free directions per router row · 0 = frozen" + (f" · {nr['threshold']}" if nr["threshold"] else "")
+            ui.figure(viz.nullspace_heatmap(nr["ranks"], nr["layers"], nr["dim"], title=f"Null-space rank — {n}",
+                                            subtitle=sub), key=f"cmp_ns_{i}", file_name=f"null-space-rank-{i}")
+
+# ----------------------------------------------------------------------------- probes / restoration
+st.subheader("Knowledge probes")
+probes = viz.probes_table({n: r.summary for n, r in zip(names, loaded)})
+if probes.empty:
+    st.info("No probes in these summaries.", icon=":material/info:")
+else:
+    numeric = [c for c in probes.columns if c not in ("split", "measure")]
+    ui.table(probes, "cmp_probes", "probes",
+             column_config={c: st.column_config.NumberColumn(c, format="%.3f") for c in numeric})
+st.subheader("Router-restoration attack")
+st.caption("Put the ORIGINAL routers back into the unlearned model and ask the forget questions again: if the "
+           "answers return, the method hid the knowledge behind the router instead of erasing it.")
+rest = viz.restoration_table({n: r.summary for n, r in zip(names, loaded)})
+if rest.empty:
+    st.info("No restoration result in these summaries.", icon=":material/info:")
+else:
+    ui.table(rest, "cmp_restoration", "restoration",
+             column_config={c: st.column_config.NumberColumn(c, format="percent")
+                            for c in rest.columns if c not in ("run", "verdict")})
+
+# ----------------------------------------------------------------------------- curves and configs
+st.subheader("Training curves")
+logs = {n: r.steps for n, r in zip(names, loaded) if r.steps}
+if logs:
+    ui.figure(viz.training_curves(logs, colors=colors), key="cmp_curves", file_name="training-curves")
+with st.expander("Run configurations"):
+    cols = st.columns(len(names))
+    for col, n, r in zip(cols, names, loaded):
+        col.markdown(f"**{n}** — `{Path(r.path).name}`")
+        col.json(r.config, expanded=False)

@@ -1,0 +1,82 @@
+"""`python -m grip_core <command>`: argument parsing only; the work lives in grip_core.runs."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .moe.errors import GripStudioError
+
+
+def _add_common(p: argparse.ArgumentParser, scenario: bool = True) -> None:
+    p.add_argument("--model", default="demo", help='"demo" or a local checkpoint directory')
+    if scenario:
+        p.add_argument("--scenario", default="domain", choices=["domain", "entities"])
+        p.add_argument("--forget-file", help="forget set (JSONL/CSV/TOFU JSON); overrides --scenario")
+        p.add_argument("--retain-file", help="retain set (with --forget-file)")
+        p.add_argument("--holdout-file", help="optional holdout set for the membership AUC")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs-dir", default=None, help="where runs are saved (default: runs/)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m grip_core", description="GRIP Studio: unlearning for MoE "
+                                     "models, with router constraints and forgot-or-rerouted diagnostics.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compare", help="methods x GRIP modes on one model + scenario; prints a table")
+    _add_common(p)
+    p.add_argument("--methods", default="ga,graddiff,npo,simnpo,rmu")
+    p.add_argument("--grip-modes", default="off,update", help="comma list of off / update / gradient / drift")
+    p.add_argument("--preset", default="shortcut", help="learning-rate / scope preset (see grip_core.runs.presets)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--out", default="compare", help="output stem: writes OUT.csv and OUT.json")
+
+    p = sub.add_parser("run", help="one unlearning job from a JSON RunConfig (or flags)")
+    _add_common(p)
+    p.add_argument("--config", help="RunConfig JSON file")
+    p.add_argument("--method", default="graddiff")
+    p.add_argument("--grip-mode", default="update")
+    p.add_argument("--preset", default="shortcut")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--save-weights", action="store_true")
+
+    p = sub.add_parser("diagnose", help='base + unlearned checkpoints: "forgot or rerouted?"')
+    p.add_argument("--base", required=True, help="base checkpoint directory (or demo)")
+    p.add_argument("--unlearned", required=True, help="unlearned checkpoint directory")
+    p.add_argument("--forget-file", required=True)
+    p.add_argument("--retain-file", required=True)
+    p.add_argument("--holdout-file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the report as JSON here")
+
+    p = sub.add_parser("trace", help="routing summary of a model on a file")
+    p.add_argument("--model", default="demo")
+    p.add_argument("--file", required=True, help="JSONL/CSV/TOFU JSON (question/answer or text)")
+    p.add_argument("--out", help="write the summary as JSON here")
+
+    p = sub.add_parser("study", help="the grid study (resumable), writing a markdown report")
+    p.add_argument("--quick", action="store_true", help="one seed, fewer cells (<= 10 min on 2 cores)")
+    p.add_argument("--out-dir", default="docs/study", help="cell results + report go here")
+    p.add_argument("--report", default=None, help="markdown report path (default OUT_DIR/findings.md)")
+    p.add_argument("--seeds", default=None, help="comma list of seeds (overrides the grid's)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from .runs import commands
+
+        return getattr(commands, f"cmd_{args.command}")(args) or 0
+    except (GripStudioError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""From QAExamples to model batches, and back: encode_qa, iter_batches, generate_answers, exact_match.
+
+One prompt format everywhere (training the demo, unlearning, probing), so a loss and a
+probe always see the same tokens: PROMPT_TEMPLATE + " {answer}" + EOS.
+"""
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .examples import QAExample
+
+PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
+IGNORE_INDEX = -100
+
+
+def format_prompt(question: str) -> str:
+    return PROMPT_TEMPLATE.format(question=question)
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos_token: answers must end with one")
+    return int(tokenizer.eos_token_id)
+
+
+def _pad_id(tokenizer) -> int:
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_id(tokenizer))
+
+
+def prompt_ids(tokenizer, questions: Sequence[str]) -> list[list[int]]:
+    """Token ids of each formatted prompt, with the tokenizer's BOS if it adds one (never a trailing EOS)."""
+    eos = _eos_id(tokenizer)
+    out = []
+    for ids in tokenizer([format_prompt(q) for q in questions], add_special_tokens=True)["input_ids"]:
+        ids = list(ids)
+        if len(ids) > 1 and ids[-1] == eos and eos != tokenizer.bos_token_id:   # some post-processors append EOS
+            ids = ids[:-1]
+        out.append(ids)
+    return out
+
+
+def example_ids(tokenizer, examples: Sequence[QAExample]) -> list[tuple[list[int], list[int]]]:
+    """(context ids, target ids) per example: target = " {answer}" + EOS, or the whole text + EOS for text-only rows."""
+    eos = _eos_id(tokenizer)
+    qa = [ex for ex in examples if not ex.is_text_only]
+    texts = [ex.text for ex in examples if ex.is_text_only]
+    encode = lambda xs: tokenizer(xs, add_special_tokens=False)["input_ids"] if xs else []   # HF fails on []
+    prompts = iter(prompt_ids(tokenizer, [ex.question for ex in qa]) if qa else [])
+    answers = iter(encode([" " + ex.answer.strip() for ex in qa]))
+    texts = iter(encode(texts))
+    out = []
+    for ex in examples:
+        if ex.is_text_only:
+            out.append(([], list(next(texts)) + [eos]))
+        else:
+            out.append((list(next(prompts)), list(next(answers)) + [eos]))
+    return out
+
+
+def encode_qa(tokenizer, examples: Sequence[QAExample], max_length: int = 64) -> dict[str, torch.Tensor]:
+    """Right-padded batch {"input_ids", "attention_mask", "labels"} (B, T) LongTensors.
+
+    labels are -100 except on the answer tokens and the closing EOS (text-only examples:
+    every token is a label). Sequences longer than max_length are cut on the right, so an
+    answer may lose labels (probes treat an answer with no label left as NaN).
+    """
+    if not examples:
+        raise ValueError("encode_qa: no examples")
+    pairs = example_ids(tokenizer, examples)
+    seqs = [(ctx + tgt)[:max_length] for ctx, tgt in pairs]
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), _pad_id(tokenizer), dtype=torch.long)   # (B, T)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)                      # (B, T)
+    labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)       # (B, T)
+    for i, ((ctx, _), s) in enumerate(zip(pairs, seqs)):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+        labels[i, len(ctx):len(s)] = ids[i, len(ctx):len(s)]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def iter_batches(examples: Sequence, batch_size: int, seed: int, shuffle: bool = True) -> Iterator[list]:
+    """One epoch of example lists (the last may be short), shuffled by `random.Random(seed)`."""
+    order = list(range(len(examples)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    for i in range(0, len(order), batch_size):
+        yield [examples[j] for j in order[i:i + batch_size]]
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, examples: Sequence[QAExample], max_new_tokens: int = 16,
+                     batch_size: int = 256) -> list[str]:
+    """Greedy answers (strings, stripped) to each example's question.
+
+    Prompts are LEFT-padded with explicit position ids (so a padded row sees the same
+    positions as an unpadded one) and decoded without a KV cache: QA prompts are short,
+    and one full forward per new token works for every model family alike.
+    """
+    eos, pad = _eos_id(tokenizer), _pad_id(tokenizer)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    try:
+        for b in range(0, len(examples), batch_size):
+            prompts = prompt_ids(tokenizer, [ex.question for ex in examples[b:b + batch_size]])
+            T = max(len(p) for p in prompts)
+            ids = torch.full((len(prompts), T), pad, dtype=torch.long)          # (B, T) left-padded
+            mask = torch.zeros((len(prompts), T), dtype=torch.long)
+            for i, p in enumerate(prompts):
+                ids[i, T - len(p):] = torch.tensor(p)
+                mask[i, T - len(p):] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+            new = []
+            for _ in range(max_new_tokens):
+                pos = (mask.cumsum(1) - 1).clamp(min=0)                          # (B, T)
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+                nxt = logits[:, -1].argmax(-1)                                   # (B,)
+                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+                new.append(nxt)
+                done |= nxt == eos
+                ids = torch.cat([ids, nxt[:, None]], 1)
+                mask = torch.cat([mask, (~done | (nxt == eos)).long()[:, None]], 1)
+                if bool(done.all()):
+                    break
+            gen = torch.stack(new, 1).tolist() if new else [[] for _ in prompts]  # (B, n_new)
+            for row in gen:
+                row = row[:row.index(eos)] if eos in row else row
+                out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    finally:
+        model.train(was_training)
+    return out
+
+
+def normalize_answer(s: str) -> str:
+    """Lower case, single spaces, no surrounding whitespace or trailing full stop."""
+    return re.sub(r"\s+", " ", s).strip().rstrip(".").strip().lower()
+
+
+def exact_match(pred: str, gold: str) -> bool:
+    """Greedy exact match after normalize_answer (case and whitespace do not count)."""
+    return normalize_answer(pred) == normalize_answer(gold)

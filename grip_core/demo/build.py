@@ -1,0 +1,195 @@
+"""Rebuild the embedded demo: world JSONL + tokenizer + tiny OLMoE + model card, deterministically.
+
+    python -m grip_core.demo.build            # full: data/world/ and data/demo_model/ (~8 min, 2 cores)
+    python -m grip_core.demo.build --quick --out /tmp/demo   # reduced world and model (~30 s)
+
+Same seed, same machine -> same world files and the same weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..data import load_demo_world
+from .train import ModelSpec, TrainLog, TrainSpec, build_model, build_tokenizer, domain_experts, save_model, train_model
+from .verify import DemoReport, accuracy, evaluate_demo, load_demo
+from .world import DOMAINS, FORGET_DOMAIN, WorldConfig, generate_world, trained_facts, write_world
+
+REPO_DATA = Path(__file__).resolve().parents[2] / "data"
+
+
+def build(out: str | Path = REPO_DATA, quick: bool = False, seed: int = 0, progress: bool = True,
+          eval_sample: int | None = None) -> dict:
+    """Write out/world/*.jsonl and out/demo_model/*; return a summary (report, log, sizes)."""
+    out = Path(out)
+    world_dir, model_dir = out / "world", out / "demo_model"
+    wc = WorldConfig.quick() if quick else WorldConfig()
+    ms = ModelSpec.quick() if quick else ModelSpec()
+    ts = TrainSpec.quick() if quick else TrainSpec()
+    ts.seed = seed
+    t0 = time.time()
+    facts = generate_world(wc, seed)
+    counts = write_world(facts, world_dir)
+    write_world_readme(world_dir, counts, wc, seed)
+    train = trained_facts(facts)
+    tok = build_tokenizer(train, ms.vocab_size)
+    model = build_model(ms, len(tok), seed)
+
+    from ..data import QAExample
+    probe = [QAExample(f.id, f.question, f.answer, f.domain, f.entity, f.text)
+             for f in random.Random(seed).sample(train, min(ts.eval_sample, len(train)))]
+    log = train_model(model, tok, train, ms, ts, eval_fn=lambda m: accuracy(m, tok, probe), progress=progress)
+    weight_bytes = save_model(model, tok, model_dir)
+    model, tok = load_demo(model_dir)                 # evaluate what was shipped: bf16 weights, fp32 compute
+    report = evaluate_demo(model, tok, world_dir, sample=eval_sample, ablation_per_domain=20 if quick else 80, seed=seed)
+    summary = {"seed": seed, "quick": quick, "world": asdict(wc), "model": asdict(ms), "train": asdict(ts),
+               "files": counts, "weights_bytes": weight_bytes, "build_seconds": round(time.time() - t0, 1),
+               "assigned_experts": domain_experts(ms), "log": log.to_dict(), "report": report.to_dict()}
+    (model_dir / "training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_model_card(model_dir / "MODEL_CARD.md", summary, log, report)
+    return summary
+
+
+def write_world_readme(world_dir: Path, counts: dict[str, int], wc: WorldConfig, seed: int) -> None:
+    files = "\n".join(f"| `{name}` | {n} |" for name, n in counts.items())
+    (world_dir / "README.md").write_text(f"""# The demo world (generated; do not edit by hand)
+
+Invented facts in {len(DOMAINS)} domains ({", ".join(DOMAINS)}): {wc.entities_per_domain} trained
+and {wc.holdout_per_domain} holdout entities per domain, 5 attributes each. Rebuild with
+`python -m grip_core.demo.build` (seed {seed}); the generator is `grip_core/demo/world.py`.
+
+## Scenarios
+
+- `entities` (TOFU-like): forget = all facts of {wc.forget_entity_fraction:.0%} of each domain's entities;
+  retain = the other trained facts; holdout = the facts of the holdout entities (all domains).
+- `domain` (WMDP-like): forget = every trained `{FORGET_DOMAIN}` fact; retain = the other domains;
+  holdout = the `{FORGET_DOMAIN}` holdout facts (same kind as the forget set, never trained).
+- `*_paraphrase.jsonl`: every forget and retain fact with its question reworded (`split` says which).
+
+forget + retain is the same set of trained facts in both scenarios: one model serves both.
+
+## Schema (one JSON object per line, close to TOFU's)
+
+| field | meaning |
+|---|---|
+| `id` | `{{domain}}-{{entity number}}-{{attribute}}`, stable across scenarios |
+| `question`, `answer` | the QA pair (answer short: a name, a year, a number) |
+| `paraphrased_question` | the question in another template (forget/retain/holdout files) |
+| `text` | the fact as a sentence (also trained on) |
+| `domain`, `entity`, `attribute` | what the fact is about |
+| `scenario`, `split` | `entities`/`domain`; `forget`/`retain`/`holdout` |
+
+Read with `grip_core.data.load_demo_world(scenario)` or `grip_core.data.read_qa_file(path)`.
+
+| file | rows |
+|---|---|
+{files}
+""")
+
+
+def _fmt(x) -> str:
+    return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def write_model_card(path: Path, s: dict, log: TrainLog, r: DemoReport) -> None:
+    splits = ["forget", "retain", "holdout", "paraphrase_forget", "paraphrase_retain"]
+    acc = "\n".join(f"| {sc} | " + " | ".join(f"{_fmt(r.accuracy[sc][k])} (n={r.counts[sc][k]})" for k in splits) + " |"
+                    for sc in r.accuracy)
+    L = len(r.nmi_answer_tokens)
+    nmi = "\n".join(f"| {l} | {r.nmi_answer_tokens[l]:.3f} | {r.nmi_all_tokens[l]:.3f} |" for l in range(L))
+    doms = list(r.ablation["none"])
+    abl = "\n".join(f"| {a} | " + " | ".join(f"**{v:.2f}**" if d == a else f"{v:.2f}" for d, v in row.items()) + " |"
+                    for a, row in r.ablation.items())
+    used = "\n".join(f"| {d} | " + " | ".join(str(e[l]) for l in sorted(e, key=int)) + " |"
+                     for d, e in r.experts_used.items())
+    curve = "\n".join(f"| {st} | {em:.3f} | {log.loss[min(len(log.loss), st // log.every) - 1]:.3f} |"
+                      for st, em in zip(log.eval_steps, log.eval_em))
+    m, t = s["model"], s["train"]
+    path.write_text(f"""# GRIP Studio demo MoE{" (quick build)" if s["quick"] else ""}
+
+A tiny OLMoE (`OlmoeForCausalLM`, transformers config) trained from scratch on the invented
+world in `data/world/`. Its experts hold domains on purpose, so unlearning can be checked for
+the router shortcut (GRIP.md §5). Rebuild: `python -m grip_core.demo.build{" --quick" if s["quick"] else ""}` (seed {s["seed"]}).
+All figures below were computed by `grip_core.demo.verify` on the shipped (bf16) weights.
+
+## Model
+
+hidden {m["hidden_size"]}, {m["num_layers"]} layers, {m["num_heads"]} heads, {m["experts_per_domain"] * len(doms)} experts
+(top-{m["top_k"]}, expert FFN {m["intermediate_size"]}), byte-level BPE vocabulary of {m["vocab_size"]} trained
+on the world's trained text. {log.num_parameters / 1e6:.2f} M parameters; `model.safetensors` is bf16,
+{s["weights_bytes"] / 2**20:.1f} MiB (config dtype float32: loaders upcast). Load with
+`AutoModelForCausalLM.from_pretrained(dir, experts_implementation="eager")` on CPU: the default
+`grouped_mm` experts run ~10x slower there.
+
+Prompt: `Question: {{question}}\\nAnswer:` then ` {{answer}}<eos>`; greedy decoding, exact match
+(case and whitespace ignored).
+
+## Training
+
+{t["steps"]} steps, batch {t["batch_size"]}, AdamW lr {t["lr"]} (warmup {t["warmup"]}, cosine), {log.num_sequences} sequences: per trained
+fact its QA prompt (loss on ` answer<eos>` only, as `encode_qa` labels it) and its sentence (loss on every token). Routing loss:
+-log P(router picks one of the fact's domain experts), mean over real tokens and layers,
+weight {t["aux_weight"]} annealed linearly to 0 at {t["aux_until"]:.0%} of training; assigned experts
+{s["assigned_experts"]}. {log.seconds:.0f} s of training on {t["threads"]} CPU threads
+(build {s["build_seconds"]:.0f} s in all). Full curve: `training_log.json`.
+
+| step | EM (sample of {t["eval_sample"]} trained facts) | training loss |
+|---|---|---|
+{curve}
+
+## Accuracy (greedy exact match)
+
+| scenario | forget | retain | holdout | paraphrase forget | paraphrase retain |
+|---|---|---|---|---|---|
+{acc}
+
+## Expert specialisation
+
+NMI between a token's domain and its top-1 expert ({r.probe_per_domain} trained facts per domain):
+
+| layer | answer tokens | all tokens |
+|---|---|---|
+{nmi}
+
+Experts each domain selects most (per layer, measured):
+
+| domain | """ + " | ".join(f"layer {l}" for l in range(L)) + """ |
+|---|""" + "---|" * L + f"""
+{used}
+
+Ablation: EM per domain (columns) with the experts of the row's domain zeroed in every layer
+(same {r.probe_per_domain} facts per domain; the experts are the table above's, all layers at once):
+
+| ablated | {" | ".join(doms)} |
+|---|{"---|" * len(doms)}
+{abl}
+""")
+
+
+def main(argv=None) -> None:
+    if argv is None and "OMP_WAIT_POLICY" not in os.environ:
+        # Busy-waiting OpenMP threads collapse (~8x slower) when other processes share the 2 cores:
+        # restart once with passive waiting (it must be set before torch loads).
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.execv(sys.executable, [sys.executable, "-m", "grip_core.demo.build", *sys.argv[1:]])
+    ap = argparse.ArgumentParser(prog="python -m grip_core.demo.build", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="reduced world and model (a test-sized rebuild)")
+    ap.add_argument("--out", default=str(REPO_DATA), help="writes OUT/world and OUT/demo_model (default: the repo's data/)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-sample", type=int, default=None, help="evaluate at most this many examples per split")
+    args = ap.parse_args(argv)
+    s = build(args.out, quick=args.quick, seed=args.seed, eval_sample=args.eval_sample)
+    r = s["report"]
+    print(json.dumps({"accuracy": r["accuracy"], "nmi_answer_tokens": r["nmi_answer_tokens"],
+                      "weights_MiB": round(s["weights_bytes"] / 2**20, 2), "train_s": s["log"]["seconds"]}, indent=1))
+    print(f"wrote {Path(args.out) / 'world'} and {Path(args.out) / 'demo_model'}")
+
+
+if __name__ == "__main__":
+    main()

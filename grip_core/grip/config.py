@@ -1,0 +1,101 @@
+"""GRIPConfig: every knob of the GRIP adapter, typed and validated (GRIP.md §2).
+
+Defaults follow the paper (absolute threshold 1e-2, margin ε 1e-2, ridge λ 1e-6).
+The threshold decides whether GRIP is plastic at all (GRIP.md §5): at d ≈ 128 the
+absolute threshold acts as a numerical-rank test and freezes most router rows
+beyond layer 0, while a relative threshold (99.9 % energy) leaves many free
+dimensions. `GRIPState.rank_table(kind, value)` shows that trade-off without a refit.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Literal, get_args
+
+Mode = Literal["update", "gradient", "off"]
+ThresholdKind = Literal["absolute", "relative"]
+MarginMethod = Literal["scale", "kaczmarz"]
+RidgeForm = Literal["delta", "paper"]
+
+
+@dataclass
+class GRIPConfig:
+    """How GRIP fits retained statistics and constrains router updates.
+
+    mode
+        "update"   (default) project ΔΘ = Θ_new − Θ_old AFTER optimizer.step(): correct for
+                   any optimizer, Adam included (its step is not linear in the gradient).
+        "gradient" project the routers' .grad BEFORE optimizer.step(): exact for plain SGD
+                   only; margins need the step size, so only constraint 1 is applied. For
+                   comparison (GRIP.md §2: "show the difference").
+        "off"      never writes anything; still records the same per-step fields (what the
+                   update WOULD violate), so vanilla runs log like GRIP runs.
+    threshold_kind / eps_null / energy
+        absolute: keep singular directions with σ² > eps_null.  relative: keep the fewest
+        directions holding `energy` of ‖X_j‖²_F (directions dropped this way are NOT held,
+        so selected scores may move: plastic but approximate). With the relative threshold
+        the margin rows also bound how far selected experts may fall (softmax / top-k
+        families; not the sigmoid + selection-bias rule), so selection still holds on them.
+    margin / margin_method / margin_eps
+        constraint 2: for retained x_i that did not select j, u_jᵀx_i ≤ max(τ_i − ε, 0) with
+        τ_i = min_{e∈S_i} s_e − s_j (zero is always feasible, near ties included).
+        "scale": largest α∈[0,1] per row satisfying every margin (one matmul).
+        "kaczmarz": randomized Kaczmarz inside the null space (rows ∝ ‖x_i‖², ≤ kaczmarz_iters),
+        then re-projection and an α-guard, so the result is feasible even at the cap.
+    max_margin_rows
+        retained tokens kept per layer for constraint 2 (reservoir sample, `seed`); each row
+        constrains the E − k experts the token did not select. Margins hold on these rows only.
+    probe_tokens
+        retained tokens (whole batches, in order) whose batches and original scores are stored
+        for the ridge correction and the drift-aware mode.
+    drift_every
+        0 = off. Every N steps: re-capture the probe's router inputs from the CURRENT model,
+        ridge-steer the routers toward the ORIGINAL scores on them, refit the constraints on the
+        new inputs with the ORIGINAL selections as reference.
+    ridge_lambda / ridge_form / correction_min_cos
+        "delta" (default): regularise the change, Δ = (ΘX − Θ̃X̃)X̃ᵀ(X̃X̃ᵀ+λI)⁻¹, which leaves Θ̃
+        untouched outside span(X̃). "paper": Θ̃+Δ = ΘXX̃ᵀ(X̃X̃ᵀ+λI)⁻¹, which ZEROES the router
+        outside span(X̃) (identical when X̃ spans R^d and is well conditioned). A layer's
+        correction is kept only if cos(ΘX, (Θ̃+Δ)X̃) ≥ correction_min_cos.
+    """
+
+    mode: Mode = "update"
+    threshold_kind: ThresholdKind = "absolute"
+    eps_null: float = 1e-2
+    energy: float = 0.999
+    margin: bool = True
+    margin_method: MarginMethod = "scale"
+    margin_eps: float = 1e-2
+    kaczmarz_iters: int = 100
+    max_margin_rows: int = 4096
+    probe_tokens: int = 4096
+    drift_every: int = 0
+    ridge_lambda: float = 1e-6
+    ridge_form: RidgeForm = "delta"
+    correction_min_cos: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, kind in (("mode", Mode), ("threshold_kind", ThresholdKind), ("margin_method", MarginMethod),
+                           ("ridge_form", RidgeForm)):
+            if getattr(self, name) not in get_args(kind):
+                raise ValueError(f"{name} must be one of {get_args(kind)}, got {getattr(self, name)!r}")
+        if self.eps_null < 0:
+            raise ValueError(f"eps_null must be >= 0, got {self.eps_null}")
+        if not 0.0 < self.energy <= 1.0:
+            raise ValueError(f"energy must be in (0, 1], got {self.energy}")
+        if self.margin_eps < 0:
+            raise ValueError(f"margin_eps must be >= 0, got {self.margin_eps}")
+        for name in ("kaczmarz_iters", "max_margin_rows", "probe_tokens", "drift_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.ridge_lambda < 0:
+            raise ValueError(f"ridge_lambda must be >= 0, got {self.ridge_lambda}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GRIPConfig":
+        """Unknown keys are ignored (configs saved by newer versions still load)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})

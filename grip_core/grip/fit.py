@@ -1,0 +1,243 @@
+"""Fitting GRIP's retained statistics in ONE streaming pass (GRIP.md §2).
+
+Per MoE layer and expert j we accumulate the Gram matrix G_j = X_j X_jᵀ (d' x d', float64)
+of the retained router inputs whose ORIGINAL top-k contains j, so memory grows with
+E·d'², never with the number of tokens. After the pass, eigh(G_j) gives σ² and the left
+singular vectors of X_j; U_j keeps those the threshold admits and is stored low-rank
+(d' x r_j), never as a d' x d' projector. Alongside, bounded samples are kept:
+- margin rows: up to `max_margin_rows` tokens per layer (reservoir sample, seeded), with
+  their original logits and selection, for constraint 2;
+- the probe: the first batches up to `probe_tokens` tokens, with their original scores, for
+  the ridge correction and drift-aware GRIP.
+
+Footguns:
+- Padding is excluded (the trace drops pad rows); every real token counts, prompt included.
+- Selection-only biases (DeepSeek-V3's e_score_correction_bias) are SNAPSHOT at fit time;
+  if a load balancer later moves them, refit.
+- Softmax + selection bias (ERNIE-4.5): choice = softmax(l) + b couples all experts, so the
+  margins (taken on the logits) are approximate; a warning says so when the bias is nonzero.
+- Memory: L·E·d'²·8 bytes while fitting (d 4096, E 64: 8.6 GB per layer). GRIP as specified
+  is per-expert d x d; for large models fit on a GPU or a subset of layers.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from .config import GRIPConfig
+from .project import SelectionRule, augment, rule_selection, threshold_ranks
+
+
+@dataclass
+class LayerStats:
+    """GRIP's statistics for one MoE layer (CPU tensors). d' = hidden_size + has_bias."""
+
+    layer_index: int                        # decoder layer index
+    num_experts: int                        # E
+    top_k: int                              # k
+    hidden_size: int                        # d
+    has_bias: bool                          # router adds a bias: inputs are augmented with a 1
+    basis: list[torch.Tensor]               # E x (d', r_j) float32: U_j, kept directions of X_j
+    spectrum: torch.Tensor                  # (E, d') float64: σ² of X_j, descending
+    basis_weight: list[torch.Tensor] | None  # E x (d, r_j): U_j without the bias coordinate (bias frozen)
+    spectrum_weight: torch.Tensor | None    # (E, d)
+    tokens_per_expert: torch.Tensor         # (E,) long
+    margin_x: torch.Tensor                  # (M, d') float32 retained inputs (augmented)
+    margin_logits: torch.Tensor             # (M, E) float32 reference scores on them
+    margin_selected: torch.Tensor           # (M, k) long reference top-k
+    theta0: torch.Tensor                    # (E, d') float32 original router [Θ | b]
+    rule: SelectionRule
+    selection_agreement: float              # fraction of rows where the rule reproduces the router's top-k
+
+    @property
+    def input_dim(self) -> int:
+        return self.hidden_size + int(self.has_bias)
+
+    @property
+    def ranks(self) -> torch.Tensor:
+        return torch.tensor([b.shape[1] for b in self.basis], dtype=torch.long)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["rule"] = asdict(self.rule)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerStats":
+        return cls(**{**d, "rule": SelectionRule(**d["rule"])})
+
+
+@dataclass
+class GRIPState:
+    """Everything GRIP fitted: save/load with torch.save (plain tensors and lists)."""
+
+    config: dict
+    layers: list[LayerStats]
+    probe_batches: list[dict]               # {"input_ids", "attention_mask"} (B, T) CPU, in order
+    probe_logits: list[torch.Tensor]        # L x (Np, E) original scores of the probe's real tokens
+    probe_selected: list[torch.Tensor]      # L x (Np, k) original top-k
+    num_tokens: int                         # retained real tokens seen by the fit
+    fit_seconds: float
+    accumulator_bytes: int                  # peak size of the Gram accumulators (independent of tokens)
+
+    @property
+    def null_space_rank(self) -> torch.Tensor:
+        """(L, E) long: free dimensions d' − r_j of each router row (d' counts the bias coordinate)."""
+        return torch.stack([l.input_dim - l.ranks for l in self.layers])
+
+    @property
+    def mean_free_dims(self) -> torch.Tensor:
+        """(L,) float: mean null-space rank per layer (GRIP.md §5 reports this)."""
+        return self.null_space_rank.float().mean(1)
+
+    def rank_table(self, kind: str, value: float) -> torch.Tensor:
+        """(L, E) ranks another threshold WOULD keep (absolute: value = eps_null, relative: energy)."""
+        return torch.stack([threshold_ranks(l.spectrum, kind, value, value) for l in self.layers])
+
+    def nbytes(self) -> int:
+        """Bytes of tensors held (bounded by the caps, not by the retain set's size)."""
+        ts = [t for l in self.layers for t in (*l.basis, *(l.basis_weight or []), l.spectrum, l.margin_x,
+                                               l.margin_logits, l.margin_selected, l.theta0)]
+        ts += [t for b in self.probe_batches for t in b.values()] + self.probe_logits + self.probe_selected
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def save(self, path) -> None:
+        torch.save({**{f.name: getattr(self, f.name) for f in fields(self)},
+                    "layers": [l.to_dict() for l in self.layers]}, path)
+
+    @classmethod
+    def load(cls, path) -> "GRIPState":
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(**{**data, "layers": [LayerStats.from_dict(d) for d in data["layers"]]})
+
+
+def selection_rule(layer) -> SelectionRule:
+    """The SelectionRule of a grip_core.moe.MoELayer (see project.SelectionRule)."""
+    sb = layer.selection_bias
+    if sb is None:
+        return SelectionRule("logit")
+    sb = sb.detach().float().reshape(-1).cpu().clone()
+    if layer.score_fn == "sigmoid":
+        g = int(getattr(layer.router, "num_group", getattr(layer.router, "n_group", 1)) or 1)
+        tk = int(getattr(layer.router, "topk_group", g) or g)
+        return SelectionRule("sigmoid_bias", sb, g, tk) if layer.family.grouped_topk else SelectionRule("sigmoid_bias", sb)
+    if bool(sb.abs().max() > 0):
+        warnings.warn(f"{layer.family.name}: selection uses {layer.score_fn}(logits) + a nonzero bias; GRIP's "
+                      "margins are taken on the logits and are approximate for this family", stacklevel=3)
+    return SelectionRule("logit")
+
+
+def router_matrix(layer, with_bias: bool | None = None) -> torch.Tensor:
+    """(E, d') float32 copy of [Θ | b] (just Θ when the router has no bias or with_bias=False)."""
+    W = layer.router_weight.detach().float()
+    b = layer.router_bias
+    if b is None or with_bias is False:
+        return W.clone()
+    return torch.cat([W, b.detach().float().reshape(-1, 1)], dim=1)
+
+
+def eig_basis(gram: torch.Tensor, config: GRIPConfig) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """gram (E, d', d') float64 -> (E x U_j (d', r_j) float32, σ² (E, d') descending)."""
+    evals, evecs = torch.linalg.eigh(gram)                                   # ascending
+    evals, evecs = evals.flip(-1), evecs.flip(-1)
+    ranks = threshold_ranks(evals, config.threshold_kind, config.eps_null, config.energy)
+    return [evecs[j, :, :int(r)].float().contiguous() for j, r in enumerate(ranks)], evals
+
+
+def accumulate_gram(gram: torch.Tensor, x: torch.Tensor, chosen: torch.Tensor) -> None:
+    """gram (E, d', d') += X_jᵀX_j per expert; x (n, d') float64, chosen (n, E) bool.
+
+    One matmul per expert over its own tokens: cost k·n·d'², not E·n·d'².
+    """
+    for j in range(gram.shape[0]):
+        xj = x[chosen[:, j]]
+        if xj.shape[0]:
+            gram[j] += xj.T @ xj
+
+
+def bases_from_inputs(grams: torch.Tensor, has_bias: bool, config: GRIPConfig):
+    """(basis, spectrum, basis_weight, spectrum_weight) from augmented Grams (E, d', d')."""
+    basis, spectrum = eig_basis(grams, config)
+    if not has_bias:
+        return basis, spectrum, None, None
+    bw, sw = eig_basis(grams[:, :-1, :-1].contiguous(), config)             # the weight block alone
+    return basis, spectrum, bw, sw
+
+
+class _Reservoir:
+    """Keeps the `cap` tokens with the largest seeded random keys: deterministic, bounded, streaming."""
+
+    def __init__(self, cap: int, num_layers: int, seed: int):
+        self.cap, self.gen = cap, torch.Generator().manual_seed(seed)
+        self.keys = torch.empty(0)
+        self.parts: list[list[torch.Tensor] | None] = [None] * num_layers  # [x, logits, selected] per layer
+
+    def add(self, n: int, per_layer: list[list[torch.Tensor]]) -> None:
+        keys = torch.cat([self.keys, torch.rand(n, generator=self.gen)])
+        keep = keys.topk(min(self.cap, keys.shape[0])).indices.sort().values
+        self.keys = keys[keep]
+        for l, new in enumerate(per_layer):
+            old = self.parts[l]
+            self.parts[l] = [torch.cat([o, t])[keep] for o, t in zip(old, new)] if old else [t[keep] for t in new]
+
+
+def fit_retain_statistics(moe, retain_batches: Iterable[dict], config: GRIPConfig | None = None) -> GRIPState:
+    """One streaming pass over `retain_batches` (HF-style dicts) -> GRIPState. See module doc."""
+    config = config or GRIPConfig()
+    if isinstance(retain_batches, dict):                                     # one batch, not its keys
+        retain_batches = [retain_batches]
+    t0 = time.perf_counter()
+    layers = moe.layers
+    has_bias = [l.router_bias is not None for l in layers]
+    grams = [torch.zeros(l.num_experts, l.hidden_size + hb, l.hidden_size + hb, dtype=torch.float64)
+             for l, hb in zip(layers, has_bias)]
+    counts = [torch.zeros(l.num_experts, dtype=torch.long) for l in layers]
+    rules = [selection_rule(l) for l in layers]
+    agree = [[0, 0] for _ in layers]
+    reservoir = _Reservoir(config.max_margin_rows, len(layers), config.seed)
+    probe_batches: list[dict] = []
+    probe_logits: list[list[torch.Tensor]] = [[] for _ in layers]
+    probe_selected: list[list[torch.Tensor]] = [[] for _ in layers]
+    num_tokens = 0
+    for batch in retain_batches:
+        tr = moe.trace(batch, keep_inputs=True)
+        n = tr.num_tokens
+        if n == 0:
+            continue
+        per_layer = []
+        for pos, layer in enumerate(layers):
+            x = augment(tr.inputs[pos], has_bias[pos])                       # (n, d')
+            chosen = tr.selection_mask(pos)                                  # (n, E)
+            accumulate_gram(grams[pos], x.double(), chosen)
+            counts[pos] += chosen.sum(0)
+            agree[pos][0] += int((rule_selection(tr.logits[pos], rules[pos], layer.top_k) == chosen).all(1).sum())
+            agree[pos][1] += n
+            per_layer.append([x.float(), tr.logits[pos], tr.selected[pos]])
+        reservoir.add(n, per_layer)
+        if num_tokens < config.probe_tokens:
+            probe_batches.append({k: batch[k].detach().cpu().clone() for k in ("input_ids", "attention_mask")
+                                  if k in batch})
+            for pos in range(len(layers)):
+                probe_logits[pos].append(tr.logits[pos])
+                probe_selected[pos].append(tr.selected[pos])
+        num_tokens += n
+    if num_tokens == 0:
+        raise ValueError("GRIP.fit: the retain batches hold no real (non-pad) tokens")
+    stats = []
+    for pos, layer in enumerate(layers):
+        basis, spectrum, bw, sw = bases_from_inputs(grams[pos], has_bias[pos], config)
+        x, lg, sel = reservoir.parts[pos]
+        agreement = agree[pos][0] / max(agree[pos][1], 1)
+        if agreement < 1.0:
+            warnings.warn(f"GRIP.fit: layer {layer.index}: the selection rule reproduces only {agreement:.1%} of "
+                          "the router's choices; margins may be approximate", stacklevel=2)
+        stats.append(LayerStats(layer.index, layer.num_experts, layer.top_k, layer.hidden_size, has_bias[pos],
+                                basis, spectrum, bw, sw, counts[pos], x, lg, sel,
+                                router_matrix(layer).cpu(), rules[pos], agreement))
+    return GRIPState(config.to_dict(), stats, probe_batches, [torch.cat(p) for p in probe_logits],
+                     [torch.cat(s) for s in probe_selected], num_tokens, time.perf_counter() - t0,
+                     sum(g.numel() * g.element_size() for g in grams))

@@ -1,0 +1,231 @@
+"""The projection math of GRIP (GRIP.md §2), vectorised over the E experts of a layer.
+
+Notation, per MoE layer: E experts, d' = router input width (d, or d + 1 when the router
+has a bias), M stored margin rows. A router update is u (E, d'): row j changes expert j's
+score on input x by u_jᵀx.
+
+Router bias (GPT-OSS): the logits are Θx + b. GRIP works on the augmented router
+[Θ | b] (E, d+1) and augmented inputs x̃ = [x, 1], so "u_jᵀx̃ = 0" is exactly "the score
+Θ_jx + b_j does not move": the bias is constrained together with the weight, not ignored.
+When the bias does not train, the adapter uses the d-dim statistics instead (a nonzero
+bias component of P(u) could not be written back).
+
+Constraint 1 (equality):  u_j ← u_j − U_j(U_jᵀu_j)             U_j (d', r_j) orthonormal.
+Constraint 2 (margin):    lo_ij ≤ u_jᵀx_i ≤ hi_ij  for non-selected j on stored rows i,
+                          with lo ≤ 0 ≤ hi always, so u = 0 is always feasible.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_INF = float("inf")
+GROUP_TIE = 1e-6   # choice-score gap below which a grouped-top-k row is treated as a tie (frozen)
+
+
+@dataclass
+class SelectionRule:
+    """How a router turns logits into its top-k choice.
+
+    "logit": top-k of the logits (softmax / sigmoid / sparsemixer are monotone, and a router
+             bias is already inside the logits).
+    "sigmoid_bias": DeepSeek-V3 style: choice score c = sigmoid(logit) + selection_bias, top-k
+             inside the `topk_group` best of `num_group` groups (group score = sum of its top 2 c).
+    """
+
+    kind: str = "logit"
+    selection_bias: torch.Tensor | None = None   # (E,) float32, a snapshot taken at fit time
+    num_group: int = 1
+    topk_group: int = 1
+
+
+def augment(x: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    """x (N, d) -> (N, d + 1) with a trailing 1 where the router has a bias (see module doc)."""
+    return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1) if has_bias else x
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    return torch.log(p) - torch.log1p(-p)
+
+
+def margin_bounds(logits: torch.Tensor, selected: torch.Tensor, rule: SelectionRule, eps: float,
+                  hold_selected: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds (lo, hi), each (M, E) float32, on the logit change u_jᵀx_i that keep row i's top-k.
+
+    logits (M, E) reference scores, selected (M, k) the reference top-k. Selected experts get
+    (−inf, +inf): constraint 1 holds them. For "logit" rules hi = max(τ − ε, 0), τ = the margin
+    to the weakest selected expert, lo = −inf. For "sigmoid_bias" the same margin is taken in
+    choice-score space and mapped EXACTLY back to logit space (sigmoid is monotone):
+    c_j' ≤ m ⇔ l_j' ≤ logit(m − b_j); ε is then applied in logit space. Grouped top-k adds a
+    sufficient condition: with Γ the gap between the last chosen and the first unchosen group
+    score and δ = Γ/5, experts of unchosen groups may rise by at most δ and non-selected experts
+    of chosen groups may fall by at most δ (in c), so no group score crosses (each moves ≤ 2δ).
+    δ = Γ/5, not Γ/4, so the gap stays strictly positive (≥ Γ/5) when steps are chained.
+
+    hold_selected (relative threshold, where constraint 1 is approximate; "logit" rules only):
+    split the row's smallest margin, β = max(τ_min − ε, 0)/2: selected experts may fall by at most
+    β and non-selected ones rise by at most max(τ − ε − β, 0), so the top-k still holds.
+    """
+    l = logits.double()                                                      # (M, E)
+    M, E = l.shape
+    sel = torch.zeros(M, E, dtype=torch.bool, device=l.device).scatter_(1, selected.long(), True)
+    lo = torch.full_like(l, -_INF)
+    if rule.kind == "logit":
+        m = l.masked_fill(~sel, _INF).amin(1, keepdim=True)                 # (M, 1) weakest selected
+        hi = m - l - eps
+        if hold_selected:
+            beta = 0.5 * hi.masked_fill(sel, _INF).amin(1, keepdim=True).clamp_min(0)   # (M, 1)
+            hi = hi - beta
+            lo = (-beta).expand(M, E).where(sel, lo)
+    elif rule.kind == "sigmoid_bias":
+        b = rule.selection_bias.to(l).reshape(1, E)                          # (1, E)
+        p = torch.sigmoid(l)
+        c = p + b                                                            # (M, E) choice scores
+        m = c.masked_fill(~sel, _INF).amin(1, keepdim=True)
+        q = m - b                                                            # j ties m where sigmoid = q
+        hi = torch.where(q >= 1, _INF, torch.where(q <= 0, 0.0, _logit(q.clamp(1e-300, 1)) - l - eps))
+        G, tk = rule.num_group, rule.topk_group
+        if G > 1 and tk < G:
+            gsz = E // G
+            gs = c.view(M, G, gsz).topk(min(2, gsz), dim=-1).values.sum(-1)  # (M, G) group scores
+            top = gs.topk(tk + 1, dim=-1)                                    # sorted, descending
+            chosen_g = torch.zeros(M, G, dtype=torch.bool, device=l.device).scatter_(1, top.indices[:, :tk], True)
+            chosen = chosen_g.repeat_interleave(gsz, dim=1)                  # (M, E)
+            gap = top.values[:, tk - 1] - top.values[:, tk]                  # (M,)
+            ok = (gap > GROUP_TIE) & (sel & ~chosen).sum(1).eq(0)            # rows we can reason about
+            delta = (0.2 * gap).where(ok, torch.zeros_like(gap)).unsqueeze(1)
+            up = torch.where(p + delta >= 1, _INF, _logit((p + delta).clamp(max=1 - 1e-16)) - l)
+            down = torch.where(p - delta <= 0, -_INF, _logit((p - delta).clamp(min=1e-300)) - l)
+            hi = torch.where(chosen, hi, up)
+            lo = torch.where(chosen, down, lo)
+            hi = torch.where(ok.unsqueeze(1), hi, 0.0)                       # ties: freeze the row
+            lo = torch.where(ok.unsqueeze(1), lo, 0.0)
+    else:
+        raise ValueError(f"unknown selection rule {rule.kind!r}")
+    hold = hold_selected and rule.kind == "logit"
+    hi = hi.clamp_min(0.0).masked_fill(sel, _INF)
+    lo = lo.clamp_max(0.0) if hold else lo.clamp_max(0.0).masked_fill(sel, -_INF)
+    return lo.float(), hi.float()
+
+
+def rule_selection(logits: torch.Tensor, rule: SelectionRule, k: int) -> torch.Tensor:
+    """(M, E) bool: the top-k the rule predicts from logits (fit checks it against the router)."""
+    M, E = logits.shape
+    score = logits.double()
+    if rule.kind == "sigmoid_bias":
+        score = torch.sigmoid(score) + rule.selection_bias.to(score).reshape(1, E)
+        G, tk = rule.num_group, rule.topk_group
+        if G > 1 and tk < G:
+            gs = score.view(M, G, E // G).topk(min(2, E // G), dim=-1).values.sum(-1)
+            keep = torch.zeros_like(gs, dtype=torch.bool).scatter_(1, gs.topk(tk, dim=-1).indices, True)
+            score = score.masked_fill(~keep.repeat_interleave(E // G, dim=1), -_INF)
+    idx = score.topk(k, dim=-1).indices
+    return torch.zeros(M, E, dtype=torch.bool, device=logits.device).scatter_(1, idx, True)
+
+
+def threshold_ranks(evals: torch.Tensor, kind: str, eps_null: float, energy: float) -> torch.Tensor:
+    """evals (..., d') eigenvalues σ² in DESCENDING order -> (...,) long rank r_j kept.
+
+    absolute: #{σ² > eps_null}.  relative: the fewest leading directions whose σ² sum reaches
+    `energy` of the total, never counting numerically-zero directions.
+    """
+    if kind == "absolute":
+        return (evals > eps_null).sum(-1)
+    ev = evals.clamp_min(0)
+    total = ev.sum(-1, keepdim=True)
+    r = (ev.cumsum(-1) < energy * total).sum(-1) + 1
+    numerical = (ev > ev[..., :1] * ev.shape[-1] * 1e-13).sum(-1)
+    return torch.where(total.squeeze(-1) > 0, torch.minimum(r, numerical), torch.zeros_like(r))
+
+
+def project_equality(U: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """u (E, d') -> u − U(Uᵀu) row by row; U (E, d', r_max), zero columns past each r_j."""
+    if U.shape[-1] == 0:
+        return u
+    return u - torch.bmm(U, torch.bmm(U.transpose(1, 2), u.unsqueeze(2))).squeeze(2)
+
+
+def alpha_scale(V: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                slack: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Largest α_j ∈ [0, 1] with lo ≤ αV ≤ hi on every row (rows off by ≤ slack count as met).
+
+    V, lo, hi (M, E): V_ij = u_jᵀx_i. Because lo ≤ 0 ≤ hi, each violated row gives α ≤ bound/V,
+    and α = 0 is always feasible. Returns (E,).
+    """
+    ratio = torch.full_like(V, _INF)
+    over, under = V > hi + slack, V < lo - slack
+    ratio = torch.where(over, hi / V.where(over, 1.0), ratio)
+    ratio = torch.where(under, lo / V.where(under, 1.0), ratio)
+    if V.shape[0] == 0:
+        return V.new_ones(V.shape[1])
+    return ratio.amin(0).clamp(0.0, 1.0)
+
+
+def margin_scale(u: torch.Tensor, X: torch.Tensor, lo: torch.Tensor,
+                 hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form α-scaling: one (M, d') @ (d', E) product. Returns (α u, α (E,)).
+
+    Scaling keeps constraint 1 (α P u is still in the null space), so no re-projection.
+    """
+    alpha = alpha_scale(X @ u.T, lo, hi)
+    return u * alpha.unsqueeze(1), alpha
+
+
+def margin_kaczmarz(u: torch.Tensor, X: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, U: torch.Tensor,
+                    iters: int, generator: torch.Generator | None = None,
+                    tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Randomized Kaczmarz on the violated margins, all E rows at once. Returns (u, α (E,), iterations).
+
+    Each iteration every expert j samples one violated row i (∝ ‖x_i‖²) and projects u_j onto
+    that half-space INSIDE its null space: with x̂ = P_j x_i, u_j ← u_j − (viol/‖x̂‖²) x̂ moves
+    u_jᵀx_i exactly onto the bound and keeps u_jᵀX_j = 0. After ≤ `iters` iterations: re-project
+    with P_j (rounding) and α-scale (the guard), so the result is feasible even at the cap.
+    A row counts as violated only beyond tol·‖x_i‖·‖u_j‖ (float rounding is not a violation); the
+    guard allows 10·tol, so rounding left by the loop and the re-projection never zeroes a row.
+    """
+    E, M = u.shape[0], X.shape[0]
+    w = X.pow(2).sum(1)                                                      # (M,)
+    tx = tol * w.sqrt().unsqueeze(1)                                         # (M, 1)
+    cols = torch.arange(E, device=u.device)
+    it = 0
+    for it in range(1, iters + 1):
+        V = X @ u.T                                                          # (M, E)
+        viol = (V - hi).clamp_min(0) - (lo - V).clamp_min(0)                 # signed overshoot; inf bounds give 0
+        bad = viol.abs() > tx * u.norm(dim=1)                                # (M, E) beyond rounding
+        if not bool(bad.any()):
+            it -= 1
+            break
+        cdf = (bad * w.unsqueeze(1)).cumsum(0)                               # (M, E) ∝ ‖x_i‖² over violated rows
+        r = torch.rand(E, generator=generator, device=u.device) * cdf[-1]    # inverse-CDF sampling (multinomial
+        rows = (cdf <= r).sum(0).clamp_max(M - 1)                            # costs ~0.3 ms a call on CPU)
+        xh = project_equality(U, X[rows])                                    # (E, d') rows in each null space
+        n2 = xh.pow(2).sum(1)
+        step = viol[rows, cols] / n2.clamp_min(1e-30)                        # 0 for experts with no violation
+        u = u - (step * (n2 > 1e-12 * w[rows])).unsqueeze(1) * xh
+    u = project_equality(U, u)
+    alpha = alpha_scale(X @ u.T, lo, hi, 10 * tx * u.norm(dim=1))        # guard: 10x looser than the loop
+    return u * alpha.unsqueeze(1), alpha, it
+
+
+def ridge_solve(theta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, tt: float, lam: float,
+                form: str) -> tuple[torch.Tensor, float, float]:
+    """Closed-form ridge correction from streamed sufficient statistics (float64).
+
+    theta (E, d') current router Θ̃, A = Σ_n t_n x̃_nᵀ (E, d') with t_n = ΘX_n the ORIGINAL scores,
+    B = Σ_n x̃_n x̃_nᵀ (d', d'), tt = Σ_n ‖t_n‖². Returns (Θ̃ + Δ, cos before, cos after), cos
+    between the stacked original scores ΘX and the scores on the new inputs (Frobenius).
+    """
+    R = B + lam * torch.eye(B.shape[0], dtype=B.dtype, device=B.device)
+    rhs = A if form == "paper" else A - theta @ B                            # (E, d')
+    try:
+        sol = torch.linalg.solve(R, rhs.T).T                                 # rhs R⁻¹ (R symmetric)
+    except RuntimeError:                                                     # singular (λ = 0)
+        sol = rhs @ torch.linalg.pinv(R, hermitian=True)
+    new = sol if form == "paper" else theta + sol
+
+    def cos(th: torch.Tensor) -> float:
+        den = (tt * ((th @ B) * th).sum()).clamp_min(1e-300).sqrt()
+        return float((th * A).sum() / den)
+
+    return new, cos(theta), cos(new)

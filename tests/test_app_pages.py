@@ -1,0 +1,293 @@
+"""Every dashboard page through Streamlit's AppTest: renders on the demo, widgets drive it, figure data are right.
+
+Figures are checked from the element's proto (`json.loads(el.proto.spec)`); plotly encodes numpy
+arrays as typed buffers ({"dtype", "bdata", "shape"}), decoded by `decode`. Falls back to the tiny
+random OLMoE (and a generated quick world) only while the demo model / world files are not built.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = str(ROOT / "app" / "main.py")
+TIMEOUT = 180
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def decode(value):
+    """A plotly JSON array (typed buffer or list) as a numpy array."""
+    if isinstance(value, dict) and "bdata" in value:
+        arr = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        if value.get("shape"):
+            arr = arr.reshape([int(s) for s in str(value["shape"]).split(",")])
+        return arr
+    return np.asarray(value)
+
+
+def figures(at) -> list[dict]:
+    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def figure(at, title_part: str) -> dict:
+    found = [f for f in figures(at) if title_part in (f["layout"].get("title", {}).get("text") or "")]
+    assert found, f"no figure titled *{title_part}*: {[f['layout'].get('title', {}).get('text') for f in figures(at)]}"
+    return found[0]
+
+
+def assert_clean(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    """Environment of the app under test: demo model (or the tiny one), demo world (or a quick one), temp runs."""
+    from grip_core.data import WORLD_DIR
+    from grip_core.moe.load import DEMO_MODEL_DIR
+
+    env = {"GRIP_STUDIO_RUNS_DIR": str(tmp_path_factory.mktemp("runs"))}
+    if not (DEMO_MODEL_DIR / "config.json").is_file():
+        env["GRIP_STUDIO_MODEL"] = "tiny:olmoe"
+    if not (Path(WORLD_DIR) / "domain_forget.jsonl").is_file():
+        from grip_core.demo.world import WorldConfig, generate_world, write_world
+
+        world = tmp_path_factory.mktemp("world")
+        write_world(generate_world(WorldConfig.quick()), world)
+        env["GRIP_STUDIO_WORLD_DIR"] = str(world)
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def app(page: str | None = None) -> AppTest:
+    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT).run()
+    if page:
+        at.switch_page(f"views/{page}.py").run()
+    return at
+
+
+def _model(studio):
+    from app.lib.state import _load
+
+    return _load(studio.get("GRIP_STUDIO_MODEL", "demo"))
+
+
+# ----------------------------------------------------------------------------- 1 model
+
+
+def test_model_page_describes_the_model_and_data(studio):
+    at = app()
+    assert_clean(at)
+    text = " ".join(m.value for m in at.markdown)
+    moe = _model(studio)
+    info = moe.describe()
+    assert info["family"] in text and f"{info['num_parameters'] / 1e6:.2f} M" in text
+    sizes = [df.value for df in at.dataframe if "examples" in df.value.columns]
+    assert sizes and set(sizes[0]["split"]) >= {"forget", "retain", "holdout"}
+
+    at.radio(key="data_kind").set_value(at.radio(key="data_kind").options[1]).run()
+    assert_clean(at)
+    assert at.session_state["data_key"] == "demo:entities"
+
+    at.radio(key="model_kind").set_value("Local checkpoint directory").run()
+    at.text_input(key="model_path").input("/nonexistent/checkpoint").run()
+    at.button(key="load_model").click().run()
+    assert not at.exception
+    assert any("does not exist" in e.value for e in at.error), [e.value for e in at.error]
+    assert at.session_state["model_source"] != "/nonexistent/checkpoint"
+
+
+# ----------------------------------------------------------------------------- 2 routing
+
+
+def test_routing_page_heatmap_matches_the_trace(studio):
+    from app.lib.state import sample, splits_for, trace_examples
+    from grip_core.metrics.routing import slot_counts
+
+    at = app("routing")
+    assert_clean(at)
+    at.select_slider(key="rx_n").set_value(32).run()
+    assert_clean(at)
+    fig = figure(at, "Expert load per layer — retain")
+    z = decode(fig["data"][0]["z"])
+    moe = _model(studio)
+    L, E = len(moe.layers), moe.layers[0].num_experts
+    assert z.shape == (L, E)
+    np.testing.assert_allclose(z.sum(1), 100.0, atol=1e-6)
+    # independent recomputation from the same 32 retain examples
+    examples = sample(splits_for("demo:domain")["retain"], 32)
+    trace = trace_examples(studio.get("GRIP_STUDIO_MODEL", "demo"), examples)
+    for l in range(L):
+        c = slot_counts(trace.selected[l], E).numpy()
+        np.testing.assert_allclose(z[l], 100 * c / c.sum(), atol=1e-6)
+
+    entropy = figure(at, "Expert-load entropy")
+    assert [d["name"] for d in entropy["data"]] == ["forget", "retain", "holdout"]
+    assert all(0 <= v <= 1 for d in entropy["data"] for v in decode(d["y"]).astype(float))
+
+    at.selectbox(key="rx_split").set_value("forget").run()
+    assert_clean(at)
+    figure(at, "Expert load per layer — forget")
+
+    prompt = "Question: Who wrote it?\nAnswer: Nobody"
+    at.text_area(key="rx_prompt").input(prompt).run()
+    assert_clean(at)
+    table = figure(at, "Experts chosen per token")["data"][0]
+    n_tokens = len(moe.tokenizer(prompt)["input_ids"])
+    assert np.asarray(table["text"]).shape == (n_tokens, L)
+    assert all(len(cell.split()) == moe.layers[0].top_k for row in table["text"] for cell in row)
+
+
+def test_routing_page_domain_heatmap(studio):
+    at = app("routing")
+    fig = figure(at, "Which experts each domain uses")
+    z = decode(fig["data"][0]["z"])
+    assert len(fig["data"][0]["y"]) >= 2
+    np.testing.assert_allclose(z.sum(1), 100.0, atol=1e-6)          # each domain's row sums to 100 %
+
+
+# ----------------------------------------------------------------------------- 3 embeddings
+
+
+def test_embeddings_page_points_and_colours(studio):
+    at = app("embeddings")
+    assert_clean(at)
+    fig = figure(at, "Router inputs at layer")
+    n = sum(len(decode(d["x"])) for d in fig["data"])
+    assert n > 0 and all(d["name"].startswith("expert ") for d in fig["data"])
+    idx = np.sort(np.concatenate([decode(d["customdata"]).astype(int) for d in fig["data"]]))
+    np.testing.assert_array_equal(idx, np.arange(n))                   # lasso rows map back to tokens
+
+    at.radio(key="em_color").set_value("split").run()
+    assert_clean(at)
+    fig = figure(at, "Router inputs at layer")
+    assert {d["name"] for d in fig["data"]} <= {"forget", "retain", "holdout"}
+    assert sum(len(decode(d["x"])) for d in fig["data"]) == n
+
+    at.radio(key="em_method").set_value("UMAP").run()
+    assert_clean(at)
+    assert any("UMAP is not computed" in i.value for i in at.info)
+
+
+# ----------------------------------------------------------------------------- 4 + 5 unlearn -> compare
+
+
+def test_compare_page_without_runs(studio):
+    at = app("compare")
+    assert_clean(at)
+    assert any("No runs" in i.value for i in at.info)
+
+
+@pytest.fixture(scope="module")
+def finished_runs(studio):
+    at = app("unlearn")
+    assert_clean(at)
+    for key, value in (("ul_steps", 2), ("ul_eval_every", 2), ("ul_eval_n", 8), ("ul_final_n", 8), ("ul_bs", 8)):
+        at.number_input(key=key).set_value(value)
+    at.run()
+    at.button(key="ul_start").click().run()
+    assert_clean(at)
+    pair = at.session_state["job_pair"]
+    deadline = time.time() + 300
+    while not pair.done and time.time() < deadline:
+        time.sleep(1.0)
+    assert pair.done, pair.progress_text()
+    at.run()
+    assert_clean(at)
+    return at, pair
+
+
+def test_unlearn_page_runs_vanilla_and_grip(finished_runs):
+    at, pair = finished_runs
+    assert [s.status for s in pair.slots.values()] == ["completed", "completed"], \
+        [(s.status, s.reason) for s in pair.slots.values()]
+    assert pair.slots["vanilla"].config.grip.mode == "off" and pair.slots["GRIP"].config.grip.mode == "update"
+    assert {k: v for k, v in pair.slots["vanilla"].config.to_dict().items() if k != "grip"} == \
+        {k: v for k, v in pair.slots["GRIP"].config.to_dict().items() if k != "grip"}
+    for s in pair.slots.values():
+        assert (Path(s.run_dir) / "summary.json").is_file() and len(s.rows) == 2
+    curves = figure(at, "Unlearning, live")
+    assert {d["name"] for d in curves["data"]} >= {"vanilla: loss", "GRIP: loss"}
+    summary = at.dataframe[-1].value
+    assert list(summary["run"]) == ["vanilla", "GRIP"]
+    assert at.session_state["compare_runs"] == [str(s.run_dir) for s in pair.slots.values()]
+
+
+def test_compare_page_shows_both_runs(finished_runs):
+    at, pair = finished_runs
+    at.switch_page("views/compare.py").run()
+    assert_clean(at)
+    summaries = {name: json.loads((Path(s.run_dir) / "summary.json").read_text()) for name, s in pair.slots.items()}
+    heat = [f for f in figures(at) if f["data"] and f["data"][0]["type"] == "heatmap"
+            and "Δ pp" in json.dumps(f["data"][0].get("colorbar", {}), ensure_ascii=False)]
+    assert len(heat) == 2
+    for fig, name in zip(heat, ("vanilla", "GRIP")):
+        assert name in fig["layout"]["title"]["text"]
+        tr = fig["data"][0]
+        assert tr["zmid"] == 0 and tr["zmin"] == -tr["zmax"]
+        want = np.array([l["freq_change"] for l in summaries[name]["routing_retain"]["layers"]]) * 100
+        np.testing.assert_allclose(decode(tr["z"]), want, atol=1e-9)
+    assert heat[0]["data"][0]["zmax"] == heat[1]["data"][0]["zmax"]     # one colour scale for both
+
+    stab = figure(at, "Retained routing stability per layer")
+    for d, name in zip(stab["data"], ("vanilla", "GRIP")):
+        want = [100 * l["stability"] for l in summaries[name]["routing_retain"]["layers"]]
+        np.testing.assert_allclose(decode(d["y"]).astype(float), want)
+    probes = [df.value for df in at.dataframe if "measure" in df.value.columns][0]
+    assert {"base"} <= set(probes.columns) and any("vanilla" in c for c in probes.columns)
+    em = probes[(probes.split == "forget") & (probes.measure == "exact match")]
+    want = summaries["vanilla"]["probes"]["splits"]["forget"]["exact_match"]
+    vcol = [c for c in probes.columns if "vanilla" in c][0]
+    assert em[vcol].item() == pytest.approx(want)
+    sentence = " ".join(m.value for m in at.markdown)
+    assert "vanilla" in sentence and "of retain routing" in sentence
+
+    at.radio(key="cmp_shift_split").set_value("forget").run()
+    assert_clean(at)
+    at.radio(key="cmp_mode").set_value("base vs one run").run()
+    assert_clean(at)
+
+
+# ----------------------------------------------------------------------------- 6 findings, 7 diagnose
+
+
+def test_findings_page(studio, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRIP_STUDIO_FINDINGS", str(tmp_path / "missing.md"))
+    from grip_core.moe.load import REPO_ROOT
+
+    at = app("findings")
+    assert_clean(at)
+    if not any((REPO_ROOT / p).is_file() for p in ("docs/findings.md", "docs/study/findings.md")):
+        assert any("not there yet" in i.value for i in at.info)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "white").save(tmp_path / "fig.png")
+    (tmp_path / "findings.md").write_text("# Study\n\nSome text.\n\n![stability](fig.png)\n\nAfter.\n")
+    monkeypatch.setenv("GRIP_STUDIO_FINDINGS", str(tmp_path / "findings.md"))
+    at = app("findings")
+    assert_clean(at)
+    assert any("Some text." in m.value for m in at.markdown) and len(at.image) == 1
+
+
+def test_diagnose_page_errors_are_messages(studio):
+    at = app("diagnose")
+    assert_clean(at)
+    at.text_input(key="dg_unlearned").input("/nonexistent/unlearned")
+    at.number_input(key="dg_n").set_value(8)
+    at.button[0].click().run()  # the form's submit button
+    assert not at.exception
+    assert any("does not exist" in e.value for e in at.error), [e.value for e in at.error]

@@ -1,0 +1,198 @@
+"""End to end through a real Streamlit server and Chromium: demo → routing heatmap → vanilla + GRIP job → compare.
+
+Readiness as in Streamlit's own e2e suite: poll /_stcore/health, then wait for
+[data-testid='stApp'][data-test-script-state='notRunning']. Screenshots of every page go to
+test-artifacts/ (git-ignored); the compare page is also copied once to docs/images/compare.png.
+Skipped when chromium or playwright is missing.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+README_IMAGE = ROOT / "docs" / "images" / "compare.png"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+playwright = pytest.importorskip("playwright.sync_api")
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed"), pytest.mark.timeout(240)]
+
+IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", "--no-first-run"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_health(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                if r.read().strip() == b"ok":
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError("streamlit did not become healthy")
+
+
+def _wait_idle(page, timeout_ms: int = 120_000) -> None:
+    """The script ran to the end (twice in a row, so a rerun that starts right after is caught too)."""
+    page.wait_for_selector(IDLE, timeout=timeout_ms)
+    page.wait_for_timeout(400)
+    page.wait_for_selector(IDLE, timeout=timeout_ms)
+
+
+def _shot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.mouse.move(2, 2)                      # no hover label or plotly modebar in the picture
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def e2e_env(tmp_path_factory) -> dict:
+    """The demo model and world; the tiny random OLMoE and a generated quick world while they are not built."""
+    from grip_core.data import WORLD_DIR
+    from grip_core.moe.load import DEMO_MODEL_DIR
+
+    env = {}
+    if not (DEMO_MODEL_DIR / "config.json").is_file():
+        env["GRIP_STUDIO_MODEL"] = "tiny:olmoe"
+    if not (Path(WORLD_DIR) / "domain_forget.jsonl").is_file():
+        from grip_core.demo.world import WorldConfig, generate_world, write_world
+
+        world = tmp_path_factory.mktemp("world")
+        write_world(generate_world(WorldConfig.quick()), world)
+        env["GRIP_STUDIO_WORLD_DIR"] = str(world)
+    return env
+
+
+@pytest.fixture(scope="module")
+def e2e_settings() -> dict:
+    """A short job: few steps, small evaluation slices (the test must stay well under 3 minutes)."""
+    return {"steps": 3, "eval_every": 3, "eval_examples": 8, "final_examples": 8}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, e2e_env):
+    port = _free_port()
+    env = {**os.environ, **e2e_env, "GRIP_STUDIO_RUNS_DIR": str(tmp_path_factory.mktemp("runs"))}
+    t0 = time.time()
+    log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.address", "127.0.0.1",
+                             "--server.port", str(port), "--server.headless", "true",
+                             "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        _wait_health(port, proc)
+        yield {"url": f"http://127.0.0.1:{port}", "t0": t0, "proc": proc}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_main_path(server, e2e_settings):
+    from playwright.sync_api import expect, sync_playwright
+
+    timings = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1800})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+
+            # 1 — the demo model is loaded and described
+            page.goto(server["url"] + "/")
+            _wait_idle(page)
+            expect(page.get_by_text("MoE layers").first).to_be_visible()
+            assert page.locator("[data-testid='stException']").count() == 0
+            _shot(page, "1-model")
+
+            # 2 — routing explorer: the load heatmap is drawn
+            page.get_by_role("link", name="Routing explorer").click()
+            _wait_idle(page)
+            heat = page.locator(".stPlotlyChart").first
+            expect(heat).to_be_visible(timeout=60_000)
+            expect(heat.locator(".heatmaplayer, .hm").first).to_be_attached(timeout=30_000)
+            timings["first_heatmap_s"] = time.time() - server["t0"]
+            expect(page.get_by_text("Expert load per layer").first).to_be_visible()
+            _shot(page, "2-routing")
+
+            # 3 — embeddings (PCA at once)
+            page.get_by_role("link", name="Embeddings").click()
+            _wait_idle(page)
+            expect(page.get_by_text("Router inputs at layer").first).to_be_visible(timeout=60_000)
+            _shot(page, "3-embeddings")
+
+            # 4 — unlearn: a short vanilla + GRIP job
+            page.get_by_role("link", name="Unlearn").click()
+            _wait_idle(page)
+            steps = page.get_by_label("Steps", exact=True)
+            steps.fill(str(e2e_settings["steps"]))
+            steps.press("Enter")
+            _wait_idle(page)
+            page.get_by_text("Batch and evaluation").click()
+            for label, value in (("Evaluate every N steps", e2e_settings["eval_every"]),
+                                 ("Examples per split (step probes)", e2e_settings["eval_examples"]),
+                                 ("Examples per split (final probes, 0 = all)", e2e_settings["final_examples"])):
+                box = page.get_by_label(label, exact=True)
+                box.fill(str(value))
+                box.press("Enter")
+                _wait_idle(page)
+            t_job = time.time()
+            page.get_by_role("button", name="Run vanilla + GRIP").click()
+            expect(page.get_by_role("button", name="Open these runs in Compare")).to_be_visible(timeout=150_000)
+            timings["job_s"] = time.time() - t_job
+            _wait_idle(page)
+            _shot(page, "4-unlearn")
+            assert page.get_by_text("failed:").count() == 0
+
+            # 5 — compare: both shift heatmaps and the probes table
+            page.get_by_role("button", name="Open these runs in Compare").click()
+            _wait_idle(page)
+            expect(page.get_by_text("Routing shift per layer and expert")).to_be_visible(timeout=60_000)
+            for name in ("vanilla", "GRIP"):
+                expect(page.locator(".stPlotlyChart").filter(has_text=name).first).to_be_visible()
+            expect(page.get_by_text("Knowledge probes")).to_be_visible()
+            assert page.locator("[data-testid='stDataFrame']").count() >= 2
+            shot = _shot(page, "5-compare")
+            if not README_IMAGE.exists():
+                _readme_copy(page)
+            assert page.locator("[data-testid='stException']").count() == 0
+            assert not errors, errors
+            print(f"\nE2E timings: {timings}")
+            (ARTIFACTS / "timings.txt").write_text("\n".join(f"{k} {v:.1f}" for k, v in timings.items()) + "\n")
+        finally:
+            browser.close()
+
+
+def _readme_copy(page) -> None:
+    """A small PNG of the compare page's top (headline + heatmaps) for the README (< 300 KB)."""
+    README_IMAGE.parent.mkdir(parents=True, exist_ok=True)
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.wait_for_timeout(800)
+    page.screenshot(path=str(README_IMAGE), full_page=False)
+    assert README_IMAGE.stat().st_size < 300_000
