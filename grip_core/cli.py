@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="docs/study", help="cell results + report go here")
     p.add_argument("--report", default=None, help="markdown report path (default OUT_DIR/findings.md)")
     p.add_argument("--seeds", default=None, help="comma list of seeds (overrides the grid's)")
+    p.add_argument("--workers", type=int, default=0, help="parallel processes, one torch thread each (0: one per core)")
+    p.add_argument("--model", default="demo")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report from saved cells")
     return parser
 
 

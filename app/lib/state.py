@@ -50,7 +50,12 @@ def _load(source: str) -> MoEModel:
     if source.startswith("tiny:"):
         from grip_core.moe.tiny import build_tiny_model
 
-        return MoEModel(build_tiny_model(source.split(":", 1)[1]), _char_tokenizer(), name=source)
+        model = build_tiny_model(source.split(":", 1)[1])
+        try:
+            model.set_experts_implementation("eager")   # as load_model does on CPU: grouped_mm is ~10x slower
+        except Exception:  # noqa: BLE001 - an older transformers
+            pass
+        return MoEModel(model, _char_tokenizer(), name=source)
     return load_model(source)
 
 
@@ -229,22 +234,14 @@ def split_routing(source: str, key: str, split: str, max_examples: int, answers_
 @st.cache_data(show_spinner=False, max_entries=32)
 def label_routing(source: str, key: str, max_examples: int, answers_only: bool) -> dict | None:
     """Domain x expert matrix at every MoE layer, plus NMI per layer (None if the examples carry no domains)."""
-    from grip_core.metrics import domain_expert_nmi, expert_by_label_matrix
+    from grip_core.viz.summaries import label_routing as _label_routing
 
     s = splits_for(key)
     examples = sample([e for name in ("forget", "retain") for e in s.get(name, [])], max_examples)
     labels = [getattr(e, "domain", "") or "" for e in examples]
     if len(set(labels) - {""}) < 2:
         return None
-    trace = trace_examples(source, examples)
-    if answers_only:
-        mask = trace.answer_mask
-        labels_tok = [labels[i] for i in trace.sequence_index.tolist()]
-        trace = trace.subset(mask)
-        labels = [l for l, m in zip(labels_tok, mask.tolist()) if m]
-    nmi = domain_expert_nmi(trace, labels)
-    mats = [expert_by_label_matrix(trace, labels, layer=l).to_dict() for l in range(trace.num_layers)]
-    return {"nmi": nmi.to_dict(), "matrices": mats}
+    return _label_routing(trace_examples(source, examples), labels, answers_only)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -270,15 +267,12 @@ def data_label(key: str) -> str:
 # ----------------------------------------------------------------------------- embeddings
 
 def _embedding_trace(source: str, moe: MoEModel | None, examples: list, layer: int, answers_only: bool) -> dict:
-    from grip_core.viz import display_tokens, top1_labels
+    from grip_core.viz.summaries import embedding_points
 
     trace = trace_examples(source, examples, keep_inputs=True, moe=moe)
     if answers_only and trace.answer_mask is not None:
         trace = trace.answers_only()
-    tok = (moe or base_model(source)).tokenizer
-    return {"X": trace.inputs[layer].numpy(), "top1": top1_labels(trace, layer),
-            "tokens": display_tokens(tok, trace.token_ids.tolist()),
-            "sequence": trace.sequence_index.tolist(), "position": trace.position.tolist()}
+    return embedding_points(trace, layer, (moe or base_model(source)).tokenizer)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -328,17 +322,16 @@ def pca_coords(source: str, key: str, layer: int, splits: tuple[str, ...], per_s
 
 @st.cache_resource(show_spinner=False)
 def _umap_jobs() -> dict:
-    """Background UMAP fits shared by every session: key -> Future of {"before", "after"} coordinates."""
-    from concurrent.futures import ThreadPoolExecutor
+    """Background UMAP fits shared by every session: key -> Future of {"before", "after"} coordinates.
 
-    return {"pool": ThreadPoolExecutor(max_workers=1, thread_name_prefix="umap"), "futures": {}}
+    A separate (spawned) process, not a thread: numba's first compile holds the GIL for ~40 s and would
+    freeze every page of the server. The worker stays up, so later fits skip the compile.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-
-def _fit_umap(X_before, X_after):
-    from grip_core.viz import fit_projection
-
-    proj, before = fit_projection(X_before, "umap")
-    return {"before": before, "after": proj.transform(X_after) if X_after is not None else None}
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    return {"pool": pool, "futures": {}}
 
 
 def umap_future(args: tuple, data: dict, start: bool):
@@ -347,6 +340,8 @@ def umap_future(args: tuple, data: dict, start: bool):
     fut = jobs["futures"].get(args)
     if fut is None and start:
         after = data["after"]["X"] if data["after"] is not None else None
-        fut = jobs["pool"].submit(_fit_umap, data["before"]["X"], after)
+        from grip_core.viz.embed import umap_coords
+
+        fut = jobs["pool"].submit(umap_coords, data["before"]["X"], after)
         jobs["futures"][args] = fut
     return fut

@@ -35,9 +35,10 @@ def figure(fig, key: str, file_name: str | None = None, *, on_select=None, selec
 
 
 def table(df: pd.DataFrame, key: str, file_name: str, *, hide_index: bool = True, column_config=None,
-          height=None):
-    """st.dataframe plus a CSV download of exactly what is shown."""
-    st.dataframe(df, hide_index=hide_index, column_config=column_config, key=key, height=height or "auto")
+          height=None, display: pd.DataFrame | None = None):
+    """st.dataframe plus a CSV download of the same table (`display`: a formatted copy to show instead)."""
+    st.dataframe(df if display is None else display, hide_index=hide_index, column_config=column_config, key=key,
+                 height=height or "auto")
     st.download_button("Download CSV", data=df.to_csv(index=not hide_index).encode(), file_name=f"{file_name}.csv",
                        mime="text/csv", key=f"{key}__csv", icon=":material/download:", type="tertiary",
                        on_click="ignore")

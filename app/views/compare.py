@@ -3,13 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import streamlit as st
 
 from app.lib import state, ui
 from grip_core import viz
 from grip_core.runs.store import list_runs, load_run
-from grip_core.viz.report import null_space_ranks
 
 ui.page_header("Compare", "Base vs unlearned, vanilla vs GRIP: where routing moved, what was kept, and whether the "
                           "forgetting survives putting the original routers back. Read from the saved runs.")
@@ -31,7 +29,9 @@ paths = list(by_path)
 wanted = [p for p in st.session_state.get("compare_runs", []) if p in by_path]
 c1, c2, c3 = st.columns([1, 3, 3])
 mode = c1.radio("Compare", ["two runs", "base vs one run"], key="cmp_mode")
-default_a = wanted[0] if wanted else paths[min(1, len(paths) - 1)]
+if not wanted:   # the newest two runs, vanilla first
+    wanted = sorted(paths[:2], key=lambda p: viz.grip_mode(by_path[p].config) != "off")
+default_a = wanted[0]
 default_b = wanted[1] if len(wanted) > 1 else paths[0]
 pick_a = c2.selectbox("Run A", paths, index=paths.index(default_a), format_func=lambda p: _label(by_path[p]),
                       key="cmp_a")
@@ -47,7 +47,7 @@ names = []
 for r in loaded:
     n = viz.run_display_name(r.config, r.run_id)
     names.append(n if n not in names else f"{n} ({r.run_id[-4:]})")
-colors = {n: viz.run_color(n, viz.report.grip_mode(r.config), i) for i, (n, r) in enumerate(zip(names, loaded))}
+colors = {n: viz.run_color(n, viz.grip_mode(r.config), i) for i, (n, r) in enumerate(zip(names, loaded))}
 series = {n: viz.run_layer_series(r.summary, r.config) for n, r in zip(names, loaded)}
 for n, r in zip(names, loaded):
     if r.summary is None:
@@ -60,9 +60,11 @@ st.markdown(f"<div style='font-size:1.35rem;line-height:1.5;padding:0.9rem 1.1re
             f"{viz.GRIP};background:#F3F7FB;border-radius:6px;margin:0.4rem 0 1rem 0'>{sentence}</div>",
             unsafe_allow_html=True)
 heads = viz.runs_table({n: (r.summary, r.config) for n, r in zip(names, loaded)})
-ui.table(heads, "cmp_heads", "runs-headline",
-         column_config={c: st.column_config.NumberColumn(c, format="percent")
-                        for c in heads.columns if c not in ("run", "steps")})
+ui.table(heads, "cmp_heads", "runs-headline", display=viz.percent_strings(heads))
+
+st.download_button("Download this comparison as one HTML page", data=lambda: viz.runs_html(loaded),
+                   file_name="grip-studio-compare.html", mime="text/html", key="cmp_all_html",
+                   icon=":material/download:", on_click="ignore")
 
 # ----------------------------------------------------------------------------- routing shift
 st.subheader("Routing shift per layer and expert")
@@ -114,7 +116,7 @@ if ok:
     ui.figure(viz.attribution_bars(ok, colors=colors), key="cmp_attr_split", file_name="shift-attribution")
 
 # ----------------------------------------------------------------------------- null space
-ranked = [(n, null_space_ranks(r.grip_ranks or (r.summary or {}).get("grip"))) for n, r in zip(names, loaded)]
+ranked = [(n, viz.null_space_ranks(r.grip_ranks or (r.summary or {}).get("grip"))) for n, r in zip(names, loaded)]
 ranked = [(n, nr) for n, nr in ranked if nr]
 if ranked:
     st.subheader("GRIP null-space rank")
@@ -143,9 +145,7 @@ rest = viz.restoration_table({n: r.summary for n, r in zip(names, loaded)})
 if rest.empty:
     st.info("No restoration result in these summaries.", icon=":material/info:")
 else:
-    ui.table(rest, "cmp_restoration", "restoration",
-             column_config={c: st.column_config.NumberColumn(c, format="percent")
-                            for c in rest.columns if c not in ("run", "verdict")})
+    ui.table(rest, "cmp_restoration", "restoration", display=viz.percent_strings(rest))
 
 # ----------------------------------------------------------------------------- curves and configs
 st.subheader("Training curves")

@@ -51,8 +51,8 @@ with right:
         info = state.describe(source)
         layers = info["layers"]
         l0 = layers[0]
-        router = f"{l0['score_fn']} · {l0['router_class']}" + (" · grouped top-k" if l0.get("grouped_topk") else "") \
-            + (" · selection bias" if l0.get("selection_bias") else "")
+        router = f"{l0['score_fn']} top-{l0['top_k']}" + (" · grouped" if l0.get("grouped_topk") else "") \
+            + (" · sel. bias" if l0.get("selection_bias") else "")
         shared = "yes" if any(l.get("shared_experts") for l in layers) else "no"
         st.subheader(f"{info['class']}")
         ui.facts([("Family", info["family"], "the router family GRIP Studio recognised"),
@@ -60,7 +60,7 @@ with right:
                         "MoE blocks / decoder layers"),
                        ("Experts E", str(l0["num_experts"]), "routed experts per MoE layer"),
                        ("Top-k", str(l0["top_k"]), "experts chosen per token")])
-        ui.facts([("Router", router, "how scores are computed and experts selected"),
+        ui.facts([("Router", router, f"{l0['router_class']}: how scores are computed and experts selected"),
                        ("Shared experts", shared, "always-on experts beside the routed ones"),
                        ("Parameters", f"{info['num_parameters'] / 1e6:.2f} M", f"{info['num_parameters']:,}"),
                        ("Router weight", " × ".join(str(v) for v in l0["router_weight_shape"]), "E × d")])

@@ -18,7 +18,8 @@ c1, c2, c3 = st.columns([2, 2, 2])
 split = c1.selectbox("Split", list(splits), index=list(splits).index("retain") if "retain" in splits else 0,
                      key="rx_split", help="forget = what unlearning removes; retain = what it must keep; "
                                           "holdout = never trained")
-n_examples = c2.select_slider("Examples traced", [16, 32, 64, 128, 256, 512], value=128, key="rx_n")
+n_examples = c2.select_slider("Examples traced", [16, 32, 64, 128, 256, 512], value=64, key="rx_n",
+                              help="questions + answers traced through the base model (a fixed sample)")
 answers_only = c3.toggle("Answer tokens only", value=False, key="rx_answers",
                          help="count only the answer tokens (where the facts live), not the question template")
 
@@ -54,7 +55,7 @@ with ui.guard("Could not compute the domain × expert matrix"):
     lc1, lc2 = st.columns([1, 4])
     pos = lc1.selectbox("MoE layer", list(range(num_layers)), format_func=lambda p: f"layer {summary['layers'][p]}",
                         key="rx_dom_layer")
-    lab = state.label_routing(source, key, min(256, n_examples * 2), answers_only)
+    lab = state.label_routing(source, key, n_examples * 2, answers_only)
     if lab is None:
         st.info("These examples carry no `domain` labels (the demo's do). Upload files with a `domain` column "
                 "to see which experts each domain uses.", icon=":material/info:")

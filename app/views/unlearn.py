@@ -21,6 +21,14 @@ from grip_core.runs.config import RunConfig  # noqa: E402
 from grip_core.runs.presets import PRESETS  # noqa: E402
 from grip_core.scope import SCOPE_KINDS, ScopeConfig  # noqa: E402
 
+METHOD_ABOUT = {
+    "ga": "gradient ascent: L = −NLL(forget)",
+    "graddiff": "gradient difference: L = −γ·NLL(forget) + α·NLL(retain)",
+    "npo": "negative preference optimisation against a frozen reference (β), plus α·NLL(retain)",
+    "simnpo": "NPO with length-normalised log-probability and no reference (β, δ), plus α·NLL(retain)",
+    "rmu": "push forget activations at one layer toward a random direction c·u; keep retain activations (α)",
+}
+
 pair = jobs.current_pair()
 busy = pair is not None and pair.running
 
@@ -41,7 +49,8 @@ with st.container(border=True):
     methods = available_methods()
     method = c3.selectbox("Method", methods, index=methods.index("graddiff") if "graddiff" in methods else 0,
                           key="ul_method", disabled=busy)
-    st.caption(preset.about)
+    st.caption(f"**{preset.name}** — {preset.about}  \n**{method}** — "
+               f"{METHOD_ABOUT.get(method, 'a registered unlearning loss')}")
 
     args_cls = method_class(method).args_cls
     hints = typing.get_type_hints(args_cls)
@@ -113,7 +122,12 @@ with st.expander("Batch and evaluation"):
                                         key="ul_eval_n", disabled=busy))
     final_examples = int(a4.number_input("Examples per split (final probes, 0 = all)", value=0, min_value=0,
                                          key="ul_final_n", disabled=busy))
-    save_weights = st.checkbox("Save the unlearned weights with the run (for Diagnose or later use)", value=False,
+    a5, a6 = st.columns([1, 1])
+    fit_examples = int(a5.number_input("Retain examples for the GRIP fit (0 = the whole retain split)", value=0,
+                                       min_value=0, step=64, key="ul_fit_n", disabled=busy,
+                                       help="fewer examples fit faster but constrain the routers on fewer inputs"))
+    a6.write("")
+    save_weights = a6.checkbox("Save the unlearned weights with the run (for Diagnose or later use)", value=False,
                                key="ul_save_weights", disabled=busy)
 
 scope = ScopeConfig(kind=scope_kind, lr=float(lr), router_lr_mult=float(router_mult),
@@ -123,7 +137,7 @@ grip_cfg = GRIPConfig(mode=mode, threshold_kind=tkind, eps_null=float(eps_null),
 scenario = key.split(":", 1)[1] if key.startswith("demo:") else "custom"
 common = dict(method=method, method_args=method_args, scope=scope, model=source, scenario=scenario, steps=steps,
               batch_size=batch_size, seed=seed, eval_every=eval_every, eval_examples=eval_examples,
-              final_eval_examples=final_examples, save_weights=save_weights)
+              final_eval_examples=final_examples, grip_fit_examples=fit_examples, save_weights=save_weights)
 
 b1, b2, b3 = st.columns([2, 1, 4])
 start = b1.button("Run vanilla + GRIP", type="primary", key="ul_start", disabled=busy, icon=":material/play_arrow:")
@@ -138,9 +152,10 @@ if start:
         data = state.unlearning_data(key, seed, eval_examples)
         pair = jobs.start_pair(state.base_model(source), state.model_lock(source), data, configs, state.runs_dir(),
                                source)
-        busy = True
     except Exception as exc:  # noqa: BLE001
         st.error(f"**Could not start the runs** — {ui.error_message(exc)}", icon=":material/error:")
+    else:
+        st.rerun()                               # redraw with the settings locked and Cancel enabled
 
 
 # ----------------------------------------------------------------------------- live view
@@ -168,14 +183,15 @@ def _live_view(pair: jobs.JobPair) -> None:
             stab = _last(slot.rows, "retain_stability", "stability", "retained_stability")
             fem, rem = _last(slot.rows, "forget_em"), _last(slot.rows, "retain_em")
             ui.facts([("loss", "—" if not slot.rows else f"{slot.rows[-1].get('loss', float('nan')):.3f}", None),
-                      ("retained stab.", viz.pct(stab), "share of retained (token, layer) top-k sets unchanged, "
+                      ("stability", viz.pct(stab), "share of retained (token, layer) top-k sets unchanged, "
                                                         "at the last evaluation"),
                       ("forget EM", viz.pct(fem), "exact match on the forget probe subset"),
                       ("retain EM", viz.pct(rem), "exact match on the held-out retain slice")])
             if slot.status in ("failed", "stopped", "cancelled"):
                 (st.error if slot.status == "failed" else st.warning)(f"{slot.status}: {slot.reason}",
                                                                       icon=STATUS_ICON[slot.status])
-    logs = {s.name: list(s.rows) for s in pair.slots.values()}
+    start = [pair.base_row] if pair.base_row else []
+    logs = {s.name: start + list(s.rows) for s in pair.slots.values()}
     if any(logs.values()):
         fig = viz.training_curves(logs, title="Unlearning, live",
                                   colors={"vanilla": viz.VANILLA, "GRIP": viz.GRIP},
@@ -199,9 +215,7 @@ if pair is not None:
         finished = [s for s in pair.slots.values() if s.run_dir is not None]
         if finished:
             df = viz.runs_table({s.name: (s.summary, dataclasses.asdict(s.config)) for s in finished})
-            ui.table(df, "ul_summary", "unlearning-summary",
-                     column_config={c: st.column_config.NumberColumn(c, format="percent")
-                                    for c in df.columns if c not in ("run", "steps")})
+            ui.table(df, "ul_summary", "unlearning-summary", display=viz.percent_strings(df))
             st.session_state["compare_runs"] = [str(s.run_dir) for s in finished]
             if st.button("Open these runs in Compare", type="primary", icon=":material/compare:", key="ul_open_cmp"):
                 st.switch_page("views/compare.py")

@@ -92,14 +92,39 @@ def iter_batches(examples: Sequence, batch_size: int, seed: int, shuffle: bool =
         yield [examples[j] for j in order[i:i + batch_size]]
 
 
+def _left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad, dtype=torch.long)       # (B, T)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p)
+        mask[i, T - len(p):] = 1
+    return ids, mask
+
+
+def _greedy_no_cache(model, ids, mask, max_new_tokens: int, eos: int, pad: int) -> torch.Tensor:
+    """Fallback for models without `generate`: one full forward per new token, explicit position ids."""
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    new = []
+    for _ in range(max_new_tokens):
+        pos = (mask.cumsum(1) - 1).clamp(min=0)                              # (B, T)
+        nxt = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)              # (B,)
+        new.append(nxt)
+        done |= nxt == eos
+        ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        if bool(done.all()):
+            break
+    return torch.stack(new, 1)                                               # (B, n_new)
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer, examples: Sequence[QAExample], max_new_tokens: int = 16,
                      batch_size: int = 256) -> list[str]:
-    """Greedy answers (strings, stripped) to each example's question.
+    """Greedy answers (strings, stripped, cut at the first EOS) to each example's question.
 
-    Prompts are LEFT-padded with explicit position ids (so a padded row sees the same
-    positions as an unpadded one) and decoded without a KV cache: QA prompts are short,
-    and one full forward per new token works for every model family alike.
+    Prompts are LEFT-padded; `model.generate` (KV cache, position ids from the mask) does the
+    decoding, ~6x cheaper than re-running the prompt for every new token.
     """
     eos, pad = _eos_id(tokenizer), _pad_id(tokenizer)
     device = next(model.parameters()).device
@@ -108,29 +133,14 @@ def generate_answers(model, tokenizer, examples: Sequence[QAExample], max_new_to
     out: list[str] = []
     try:
         for b in range(0, len(examples), batch_size):
-            prompts = prompt_ids(tokenizer, [ex.question for ex in examples[b:b + batch_size]])
-            T = max(len(p) for p in prompts)
-            ids = torch.full((len(prompts), T), pad, dtype=torch.long)          # (B, T) left-padded
-            mask = torch.zeros((len(prompts), T), dtype=torch.long)
-            for i, p in enumerate(prompts):
-                ids[i, T - len(p):] = torch.tensor(p)
-                mask[i, T - len(p):] = 1
+            ids, mask = _left_pad(prompt_ids(tokenizer, [ex.question for ex in examples[b:b + batch_size]]), pad)
             ids, mask = ids.to(device), mask.to(device)
-            done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-            new = []
-            for _ in range(max_new_tokens):
-                pos = (mask.cumsum(1) - 1).clamp(min=0)                          # (B, T)
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-                nxt = logits[:, -1].argmax(-1)                                   # (B,)
-                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-                new.append(nxt)
-                done |= nxt == eos
-                ids = torch.cat([ids, nxt[:, None]], 1)
-                mask = torch.cat([mask, (~done | (nxt == eos)).long()[:, None]], 1)
-                if bool(done.all()):
-                    break
-            gen = torch.stack(new, 1).tolist() if new else [[] for _ in prompts]  # (B, n_new)
-            for row in gen:
+            if hasattr(model, "generate"):
+                gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                     num_beams=1, pad_token_id=pad, eos_token_id=eos)[:, ids.shape[1]:]
+            else:
+                gen = _greedy_no_cache(model, ids, mask, max_new_tokens, eos, pad)
+            for row in gen.tolist():                                         # (B, n_new)
                 row = row[:row.index(eos)] if eos in row else row
                 out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     finally:

@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..data import load_demo_world
+from ..data import QAExample
 from .train import ModelSpec, TrainLog, TrainSpec, build_model, build_tokenizer, domain_experts, save_model, train_model
 from .verify import DemoReport, accuracy, evaluate_demo, load_demo
 from .world import DOMAINS, FORGET_DOMAIN, WorldConfig, generate_world, trained_facts, write_world
@@ -40,8 +40,6 @@ def build(out: str | Path = REPO_DATA, quick: bool = False, seed: int = 0, progr
     train = trained_facts(facts)
     tok = build_tokenizer(train, ms.vocab_size)
     model = build_model(ms, len(tok), seed)
-
-    from ..data import QAExample
     probe = [QAExample(f.id, f.question, f.answer, f.domain, f.entity, f.text)
              for f in random.Random(seed).sample(train, min(ts.eval_sample, len(train)))]
     log = train_model(model, tok, train, ms, ts, eval_fn=lambda m: accuracy(m, tok, probe), progress=progress)
@@ -80,12 +78,13 @@ forget + retain is the same set of trained facts in both scenarios: one model se
 |---|---|
 | `id` | `{{domain}}-{{entity number}}-{{attribute}}`, stable across scenarios |
 | `question`, `answer` | the QA pair (answer short: a name, a year, a number) |
-| `paraphrased_question` | the question in another template (forget/retain/holdout files) |
-| `text` | the fact as a sentence (also trained on) |
+| `paraphrased_question` | the question in another template (forget/retain/holdout files; a paraphrase file's `question` is it) |
+| `text` | the fact as a sentence (trained on for forget/retain facts, never for holdout ones) |
 | `domain`, `entity`, `attribute` | what the fact is about |
 | `scenario`, `split` | `entities`/`domain`; `forget`/`retain`/`holdout` |
 
-Read with `grip_core.data.load_demo_world(scenario)` or `grip_core.data.read_qa_file(path)`.
+Read with `grip_core.data.load_demo_world(scenario)` (a `DemoSplits`) or `grip_core.data.read_qa_file(path)`,
+which also reads user files: JSONL, CSV/TSV or TOFU-style JSON with `question` + `answer` (or `text`) columns.
 
 | file | rows |
 |---|---|
@@ -124,8 +123,8 @@ hidden {m["hidden_size"]}, {m["num_layers"]} layers, {m["num_heads"]} heads, {m[
 (top-{m["top_k"]}, expert FFN {m["intermediate_size"]}), byte-level BPE vocabulary of {m["vocab_size"]} trained
 on the world's trained text. {log.num_parameters / 1e6:.2f} M parameters; `model.safetensors` is bf16,
 {s["weights_bytes"] / 2**20:.1f} MiB (config dtype float32: loaders upcast). Load with
-`AutoModelForCausalLM.from_pretrained(dir, experts_implementation="eager")` on CPU: the default
-`grouped_mm` experts run ~10x slower there.
+`AutoModelForCausalLM.from_pretrained(dir, experts_implementation="eager")` to train it on CPU:
+the default `grouped_mm` experts make a training step ~10x slower there (inference is about equal).
 
 Prompt: `Question: {{question}}\\nAnswer:` then ` {{answer}}<eos>`; greedy decoding, exact match
 (case and whitespace ignored).
@@ -136,8 +135,8 @@ Prompt: `Question: {{question}}\\nAnswer:` then ` {{answer}}<eos>`; greedy decod
 fact its QA prompt (loss on ` answer<eos>` only, as `encode_qa` labels it) and its sentence (loss on every token). Routing loss:
 -log P(router picks one of the fact's domain experts), mean over real tokens and layers,
 weight {t["aux_weight"]} annealed linearly to 0 at {t["aux_until"]:.0%} of training; assigned experts
-{s["assigned_experts"]}. {log.seconds:.0f} s of training on {t["threads"]} CPU threads
-(build {s["build_seconds"]:.0f} s in all). Full curve: `training_log.json`.
+{s["assigned_experts"]}. {log.seconds:.0f} s of training on {t["threads"]} CPU threads, {log.seconds / t["steps"]:.2f} s/step
+(build {s["build_seconds"]:.0f} s in all; time scales with whatever else shares the cores). Full curve: `training_log.json`.
 
 | step | EM (sample of {t["eval_sample"]} trained facts) | training loss |
 |---|---|---|
@@ -172,6 +171,13 @@ Ablation: EM per domain (columns) with the experts of the row's domain zeroed in
 """)
 
 
+def rewrite_card(model_dir: str | Path) -> None:
+    """Re-render MODEL_CARD.md from training_log.json (the figures stay those the build computed)."""
+    model_dir = Path(model_dir)
+    s = json.loads((model_dir / "training_log.json").read_text())
+    write_model_card(model_dir / "MODEL_CARD.md", s, TrainLog(**s["log"]), DemoReport(**s["report"]))
+
+
 def main(argv=None) -> None:
     if argv is None and "OMP_WAIT_POLICY" not in os.environ:
         # Busy-waiting OpenMP threads collapse (~8x slower) when other processes share the 2 cores:
@@ -183,7 +189,11 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(REPO_DATA), help="writes OUT/world and OUT/demo_model (default: the repo's data/)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-sample", type=int, default=None, help="evaluate at most this many examples per split")
+    ap.add_argument("--card-only", action="store_true", help="only re-render OUT/demo_model/MODEL_CARD.md from its training_log.json")
     args = ap.parse_args(argv)
+    if args.card_only:
+        rewrite_card(Path(args.out) / "demo_model")
+        return
     s = build(args.out, quick=args.quick, seed=args.seed, eval_sample=args.eval_sample)
     r = s["report"]
     print(json.dumps({"accuracy": r["accuracy"], "nmi_answer_tokens": r["nmi_answer_tokens"],

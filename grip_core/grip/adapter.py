@@ -69,6 +69,8 @@ class _Projector:
     X: torch.Tensor               # (M, d') margin rows
     X_full: torch.Tensor          # (M, d + has_bias) the same rows with the bias coordinate (scores)
     selected: torch.Tensor        # (M, k) reference top-k of each row
+    sel: torch.Tensor | None = None       # (M, E) bool mask of `selected` (constant: cached)
+    frozen: torch.Tensor | None = None    # (E,) bool: null space empty (r_j = d'), for Kaczmarz
 
 
 def _pad_bases(basis: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -179,11 +181,19 @@ class GRIP:
                 u = project_equality(P.U, delta)
                 t1 = self._tick()
                 if cfg.margin and P.X.shape[0]:
-                    lo, hi = self._bounds(pos, P, snap[pos])
+                    # ONE product gives the scores before this step (bounds) and V = X uᵀ (α-scaling):
+                    # [Θ_old; u] @ X_fullᵀ reads the M margin rows once (u padded with a zero bias column
+                    # when the bias exists but does not train, so u·x̃ = u·x exactly).
+                    E = u.shape[0]
+                    u_full = u if u.shape[1] == P.X_full.shape[1] else torch.cat([u, u.new_zeros(E, 1)], 1)
+                    R = torch.cat([snap[pos].to(u), u_full]) @ P.X_full.T             # (2E, M)
+                    lo, hi = self._bounds(pos, P, snap[pos], logits=R[:E].T)
                     if cfg.margin_method == "scale":
-                        u, alpha = margin_scale(u, P.X, lo, hi)
+                        fast_lo = self.state.layers[pos].rule.kind == "logit" and cfg.threshold_kind != "relative"
+                        u, alpha = margin_scale(u, P.X, None if fast_lo else lo, hi, V=R[E:].T)
                     else:
-                        u, alpha, it = margin_kaczmarz(u, P.X, lo, hi, P.U, cfg.kaczmarz_iters, self._generator(u))
+                        u, alpha, it = margin_kaczmarz(u, P.X, lo, hi, P.U, cfg.kaczmarz_iters, self._generator(u),
+                                                       XT=P.X.T, frozen=P.frozen)
                 t_proj, t_marg = t_proj + t1 - t0, t_marg + self._tick() - t1
             if mode == "update":
                 self._write(layer, old + u, aug)
@@ -295,15 +305,18 @@ class GRIP:
             applied.append(ok)
         return {"cos_before": cos0, "cos_after": cos1, "applied": applied}
 
-    def _bounds(self, pos: int, P: _Projector, theta_old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _bounds(self, pos: int, P: _Projector, theta_old: torch.Tensor,
+                logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Margin bounds (M, E) from the CURRENT scores on the stored rows, ORIGINAL selections as reference.
 
         Margins are re-read every step: bounds taken once at fit time would let each step spend
         the whole margin again, so non-selected experts would creep past in a few steps.
+        `logits` (M, E): the scores X_full @ theta_oldᵀ when the caller already has them.
         """
-        logits = P.X_full @ theta_old.T                                      # (M, E) scores before this step
+        if logits is None:
+            logits = (theta_old.to(P.X_full) @ P.X_full.T).T                 # (M, E) scores before this step
         return margin_bounds(logits, P.selected, self.state.layers[pos].rule, self.config.margin_eps,
-                             hold_selected=self.config.threshold_kind == "relative")
+                             hold_selected=self.config.threshold_kind == "relative", sel=P.sel)
 
     def _bias_trains(self, pos: int) -> bool:
         b = self.moe.layers[pos].router_bias
@@ -319,8 +332,11 @@ class GRIP:
             basis = st.basis_weight if weight_only else st.basis
             X = st.margin_x[:, :st.hidden_size] if weight_only else st.margin_x
             U = _pad_bases(basis, X.shape[1])
-            self._cache[key] = _Projector(U.to(dev), X.contiguous().to(dev), st.margin_x.to(dev),
-                                          st.margin_selected.to(dev))
+            X_full, selected = st.margin_x.to(dev), st.margin_selected.to(dev)
+            sel = torch.zeros(X_full.shape[0], st.num_experts, dtype=torch.bool, device=dev)
+            sel.scatter_(1, selected.long(), True)
+            frozen = torch.tensor([b.shape[1] >= X.shape[1] for b in basis], dtype=torch.bool, device=dev)
+            self._cache[key] = _Projector(U.to(dev), X.contiguous().to(dev), X_full, selected, sel, frozen)
         return self._cache[key]
 
     @torch.no_grad()

@@ -18,6 +18,9 @@ Footguns:
   margins (taken on the logits) are approximate; a warning says so when the bias is nonzero.
 - Memory: L·E·d'²·8 bytes while fitting (d 4096, E 64: 8.6 GB per layer). GRIP as specified
   is per-expert d x d; for large models fit on a GPU or a subset of layers.
+- Several processes (`reduce=`, see `FitAccumulators`): each process streams its own shard of
+  the retain set; the hook sums Grams / counts and merges the samples across processes before
+  the eigendecomposition (grip_core/runs/distributed.py, docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -169,10 +172,15 @@ def bases_from_inputs(grams: torch.Tensor, has_bias: bool, config: GRIPConfig):
 
 
 class _Reservoir:
-    """Keeps the `cap` tokens with the largest seeded random keys: deterministic, bounded, streaming."""
+    """Keeps the `cap` tokens with the largest seeded random keys: deterministic, bounded, streaming.
 
-    def __init__(self, cap: int, num_layers: int, seed: int):
-        self.cap, self.gen = cap, torch.Generator().manual_seed(seed)
+    `stream` > 0 (process `stream` of a multi-process fit) draws independent keys, so the union of
+    the processes' reservoirs contains the global top-`cap` keys of the whole retain set.
+    """
+
+    def __init__(self, cap: int, num_layers: int, seed: int, stream: int = 0):
+        self.cap = cap
+        self.gen = torch.Generator().manual_seed(seed if not stream else seed + 0x9E3779B97F4A7C15 * stream % 2**62)
         self.keys = torch.empty(0)
         self.parts: list[list[torch.Tensor] | None] = [None] * num_layers  # [x, logits, selected] per layer
 
@@ -185,8 +193,40 @@ class _Reservoir:
             self.parts[l] = [torch.cat([o, t])[keep] for o, t in zip(old, new)] if old else [t[keep] for t in new]
 
 
-def fit_retain_statistics(moe, retain_batches: Iterable[dict], config: GRIPConfig | None = None) -> GRIPState:
-    """One streaming pass over `retain_batches` (HF-style dicts) -> GRIPState. See module doc."""
+@dataclass
+class FitAccumulators:
+    """[distributed hook] What one process accumulated in its pass, before the eigendecomposition.
+
+    `fit_retain_statistics(..., reduce=f)` calls `f(acc)` ONCE after the pass and continues with
+    the FitAccumulators it returns. Sums (grams, counts, agree, num_tokens) must come back summed
+    over processes; the samples (reservoir, probe) merged so that every process holds the same.
+    Per layer: grams (E, d', d') float64, counts (E,) long; agree (L, 2) long [rule agrees, rows];
+    reservoir_keys (m,), reservoir_parts per layer [x (m, d'), logits (m, E), selected (m, k)] or None
+    (no tokens); probe_* as in GRIPState, but probe_logits / probe_selected still per batch
+    (L lists of (n_b, E) / (n_b, k)).
+    """
+
+    grams: list[torch.Tensor]
+    counts: list[torch.Tensor]
+    agree: torch.Tensor
+    num_tokens: int
+    reservoir_keys: torch.Tensor
+    reservoir_parts: list[list[torch.Tensor] | None]
+    probe_batches: list[dict]
+    probe_logits: list[list[torch.Tensor]]
+    probe_selected: list[list[torch.Tensor]]
+    max_margin_rows: int
+    probe_tokens: int
+
+
+def fit_retain_statistics(moe, retain_batches: Iterable[dict], config: GRIPConfig | None = None,
+                          reduce=None) -> GRIPState:
+    """One streaming pass over `retain_batches` (HF-style dicts) -> GRIPState. See module doc.
+
+    reduce: None (one process) or a callable FitAccumulators -> FitAccumulators applied once after
+    the pass (e.g. grip_core.runs.distributed.FitReducer: all-reduce across processes); its
+    optional int attribute `rank` decorrelates the margin-row sample between processes.
+    """
     config = config or GRIPConfig()
     if isinstance(retain_batches, dict):                                     # one batch, not its keys
         retain_batches = [retain_batches]
@@ -198,7 +238,7 @@ def fit_retain_statistics(moe, retain_batches: Iterable[dict], config: GRIPConfi
     counts = [torch.zeros(l.num_experts, dtype=torch.long) for l in layers]
     rules = [selection_rule(l) for l in layers]
     agree = [[0, 0] for _ in layers]
-    reservoir = _Reservoir(config.max_margin_rows, len(layers), config.seed)
+    reservoir = _Reservoir(config.max_margin_rows, len(layers), config.seed, int(getattr(reduce, "rank", 0)))
     probe_batches: list[dict] = []
     probe_logits: list[list[torch.Tensor]] = [[] for _ in layers]
     probe_selected: list[list[torch.Tensor]] = [[] for _ in layers]
@@ -225,6 +265,13 @@ def fit_retain_statistics(moe, retain_batches: Iterable[dict], config: GRIPConfi
                 probe_logits[pos].append(tr.logits[pos])
                 probe_selected[pos].append(tr.selected[pos])
         num_tokens += n
+    if reduce is not None:                                                   # ---- [distributed hook] ----
+        acc = reduce(FitAccumulators(grams, counts, torch.tensor(agree, dtype=torch.long), num_tokens,
+                                     reservoir.keys, reservoir.parts, probe_batches, probe_logits,
+                                     probe_selected, config.max_margin_rows, config.probe_tokens))
+        grams, counts, agree, num_tokens = acc.grams, acc.counts, acc.agree.tolist(), int(acc.num_tokens)
+        reservoir.keys, reservoir.parts = acc.reservoir_keys, acc.reservoir_parts
+        probe_batches, probe_logits, probe_selected = acc.probe_batches, acc.probe_logits, acc.probe_selected
     if num_tokens == 0:
         raise ValueError("GRIP.fit: the retain batches hold no real (non-pad) tokens")
     stats = []

@@ -50,7 +50,7 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
 
 
 def margin_bounds(logits: torch.Tensor, selected: torch.Tensor, rule: SelectionRule, eps: float,
-                  hold_selected: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  hold_selected: bool = False, sel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds (lo, hi), each (M, E) float32, on the logit change u_jᵀx_i that keep row i's top-k.
 
     logits (M, E) reference scores, selected (M, k) the reference top-k. Selected experts get
@@ -66,13 +66,22 @@ def margin_bounds(logits: torch.Tensor, selected: torch.Tensor, rule: SelectionR
     hold_selected (relative threshold, where constraint 1 is approximate; "logit" rules only):
     split the row's smallest margin, β = max(τ_min − ε, 0)/2: selected experts may fall by at most
     β and non-selected ones rise by at most max(τ − ε − β, 0), so the top-k still holds.
+
+    sel (optional): the (M, E) bool mask of `selected`, for callers that cache it (it is constant per row).
     """
     l = logits.double()                                                      # (M, E)
     M, E = l.shape
-    sel = torch.zeros(M, E, dtype=torch.bool, device=l.device).scatter_(1, selected.long(), True)
+    if sel is None:
+        sel = torch.zeros(M, E, dtype=torch.bool, device=l.device).scatter_(1, selected.long(), True)
+    if rule.kind == "logit" and not hold_selected:
+        # fast path (the adapter's default): lo is −inf everywhere, hi as below; min over the k selected
+        # logits by gather (same value as a masked amin over E, without the (M, E) temporaries)
+        hi = l.gather(1, selected.long()).amin(1, keepdim=True) - l - eps   # (M, E)
+        return (torch.full((M, E), -_INF, dtype=torch.float32, device=l.device),
+                hi.clamp_min_(0.0).masked_fill_(sel, _INF).float())
     lo = torch.full_like(l, -_INF)
     if rule.kind == "logit":
-        m = l.masked_fill(~sel, _INF).amin(1, keepdim=True)                 # (M, 1) weakest selected
+        m = l.gather(1, selected.long()).amin(1, keepdim=True)              # (M, 1) weakest selected
         hi = m - l - eps
         if hold_selected:
             beta = 0.5 * hi.masked_fill(sel, _INF).amin(1, keepdim=True).clamp_min(0)   # (M, 1)
@@ -143,38 +152,44 @@ def project_equality(U: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """u (E, d') -> u − U(Uᵀu) row by row; U (E, d', r_max), zero columns past each r_j."""
     if U.shape[-1] == 0:
         return u
-    return u - torch.bmm(U, torch.bmm(U.transpose(1, 2), u.unsqueeze(2))).squeeze(2)
+    # Row-vector products (1 x d')(d' x r) then (1 x r)(r x d'): the same math as U(Uᵀu), but CPU bmm
+    # streams U row-major this way; the column form (U @ (Uᵀ @ u[:, :, None])) is 5-10x slower on CPU.
+    c = torch.bmm(u.unsqueeze(1), U)                                         # (E, 1, r) = (U_jᵀu_j)ᵀ
+    return u - torch.bmm(c, U.transpose(1, 2)).squeeze(1)
 
 
-def alpha_scale(V: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+def alpha_scale(V: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor,
                 slack: torch.Tensor | float = 0.0) -> torch.Tensor:
     """Largest α_j ∈ [0, 1] with lo ≤ αV ≤ hi on every row (rows off by ≤ slack count as met).
 
     V, lo, hi (M, E): V_ij = u_jᵀx_i. Because lo ≤ 0 ≤ hi, each violated row gives α ≤ bound/V,
-    and α = 0 is always feasible. Returns (E,).
+    and α = 0 is always feasible. lo=None means no lower bound (−inf everywhere). Returns (E,).
     """
-    ratio = torch.full_like(V, _INF)
-    over, under = V > hi + slack, V < lo - slack
-    ratio = torch.where(over, hi / V.where(over, 1.0), ratio)
-    ratio = torch.where(under, lo / V.where(under, 1.0), ratio)
     if V.shape[0] == 0:
         return V.new_ones(V.shape[1])
+    over = V > (hi if isinstance(slack, float) and slack == 0.0 else hi + slack)
+    ratio = torch.where(over, hi / V, _INF)                                  # where() drops the unused quotients
+    if lo is not None:
+        under = V < lo - slack
+        ratio = torch.where(under, lo / V, ratio)
     return ratio.amin(0).clamp(0.0, 1.0)
 
 
-def margin_scale(u: torch.Tensor, X: torch.Tensor, lo: torch.Tensor,
-                 hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def margin_scale(u: torch.Tensor, X: torch.Tensor, lo: torch.Tensor | None,
+                 hi: torch.Tensor, V: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form α-scaling: one (M, d') @ (d', E) product. Returns (α u, α (E,)).
 
+    V (optional): X @ u.T already computed by the caller (the adapter fuses it with the scores' product).
     Scaling keeps constraint 1 (α P u is still in the null space), so no re-projection.
     """
-    alpha = alpha_scale(X @ u.T, lo, hi)
+    alpha = alpha_scale(X @ u.T if V is None else V, lo, hi)
     return u * alpha.unsqueeze(1), alpha
 
 
 def margin_kaczmarz(u: torch.Tensor, X: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, U: torch.Tensor,
                     iters: int, generator: torch.Generator | None = None,
-                    tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, int]:
+                    tol: float = 1e-6, XT: torch.Tensor | None = None,
+                    frozen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Randomized Kaczmarz on the violated margins, all E rows at once. Returns (u, α (E,), iterations).
 
     Each iteration every expert j samples one violated row i (∝ ‖x_i‖²) and projects u_j onto
@@ -183,17 +198,33 @@ def margin_kaczmarz(u: torch.Tensor, X: torch.Tensor, lo: torch.Tensor, hi: torc
     with P_j (rounding) and α-scale (the guard), so the result is feasible even at the cap.
     A row counts as violated only beyond tol·‖x_i‖·‖u_j‖ (float rounding is not a violation); the
     guard allows 10·tol, so rounding left by the loop and the re-projection never zeroes a row.
+    XT (optional): X.T (a view is fine); (u @ XT).T is the same product as X @ u.T, 2-3x faster on CPU
+    (the (E, d')(d', M) form streams X once per row of u; the (M, d')(d', E) form is a skinny-output GEMM).
+    frozen (optional, (E,) bool): experts whose null space is EMPTY (r_j = d'); computed from U if None.
+    Such a row can never move (P_j x̂ = 0, every step is masked), so its violations do not keep the loop
+    running: before, one frozen expert with a rounding-level u and a near-tie row (bound 0) held every
+    step at the iteration cap. The re-projection and the α-guard below treat it exactly as before.
     """
     E, M = u.shape[0], X.shape[0]
+    scores = (lambda v: (v @ XT).T) if XT is not None else (lambda v: X @ v.T)
+    if frozen is None:
+        frozen = (U.abs().amax(1) > 0).sum(1) >= U.shape[1] if U.shape[-1] else torch.zeros(E, dtype=torch.bool,
+                                                                                              device=u.device)
+    movable = ~frozen.to(u.device).unsqueeze(0)                              # (1, E)
     w = X.pow(2).sum(1)                                                      # (M,)
     tx = tol * w.sqrt().unsqueeze(1)                                         # (M, 1)
     cols = torch.arange(E, device=u.device)
     it = 0
     for it in range(1, iters + 1):
-        V = X @ u.T                                                          # (M, E)
+        V = scores(u)                                                        # (M, E)
         viol = (V - hi).clamp_min(0) - (lo - V).clamp_min(0)                 # signed overshoot; inf bounds give 0
-        bad = viol.abs() > tx * u.norm(dim=1)                                # (M, E) beyond rounding
+        bad_all = viol.abs() > tx * u.norm(dim=1)                            # (M, E) beyond rounding
+        bad = bad_all & movable
         if not bool(bad.any()):
+            if bool(bad_all.any()):
+                # only frozen rows are left: the loop used to spin to the cap drawing E numbers an iteration;
+                # draw them (cheap) so seeded runs keep the random stream, hence the numbers, they had before
+                torch.rand((iters - it + 1) * E, generator=generator, device=u.device)
             it -= 1
             break
         cdf = (bad * w.unsqueeze(1)).cumsum(0)                               # (M, E) ∝ ‖x_i‖² over violated rows
@@ -204,7 +235,7 @@ def margin_kaczmarz(u: torch.Tensor, X: torch.Tensor, lo: torch.Tensor, hi: torc
         step = viol[rows, cols] / n2.clamp_min(1e-30)                        # 0 for experts with no violation
         u = u - (step * (n2 > 1e-12 * w[rows])).unsqueeze(1) * xh
     u = project_equality(U, u)
-    alpha = alpha_scale(X @ u.T, lo, hi, 10 * tx * u.norm(dim=1))        # guard: 10x looser than the loop
+    alpha = alpha_scale(scores(u), lo, hi, 10 * tx * u.norm(dim=1))      # guard: 10x looser than the loop
     return u * alpha.unsqueeze(1), alpha, it
 
 

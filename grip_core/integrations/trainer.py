@@ -62,8 +62,8 @@ def check_trainer_supported(args, grip, model=None) -> None:
         raise ValueError(_FSDP)
     for layer in grip.moe.layers:
         W = layer.router_weight
-        if (W.numel() == 0 or tuple(W.shape) != (layer.num_experts, layer.hidden_size) or hasattr(W, "ds_id")
-                or type(W.data).__name__ == "DTensor"):
+        dtensor = "DTensor" in (type(W).__name__, type(W.data).__name__)          # FSDP2 shards into DTensors
+        if W.numel() == 0 or tuple(W.shape) != (layer.num_experts, layer.hidden_size) or hasattr(W, "ds_id") or dtensor:
             raise ValueError(f"GRIPCallback: router weight of layer {layer.index} is sharded or flattened "
                              f"(shape {tuple(W.shape)}, expected {(layer.num_experts, layer.hidden_size)}). "
                              + _FSDP)
@@ -82,7 +82,7 @@ class GRIPCallback(TrainerCallback):
 
     def __init__(self, grip, probe_batch: dict | list[dict] | None = None):
         self.grip = grip
-        self.probe = probe_batch if probe_batch is not None else grip.state.probe_batches
+        self.probe = probe_batch if probe_batch is not None else (grip.state.probe_batches or None)
         self.optimizer: torch.optim.Optimizer | None = None   # the torch optimizer GRIP is hooked into
         self._base = None                                      # RoutingTrace of the probe before training
         self._seen = 0                                         # len(grip.history) at the previous log
@@ -95,7 +95,7 @@ class GRIPCallback(TrainerCallback):
             raise ValueError("GRIPCallback: the Trainer passed no optimizer to on_train_begin")
         self.optimizer = self.grip.wrap(innermost_optimizer(optimizer))   # idempotent if already wrapped
         self._seen = len(self.grip.history)
-        if self._base is None:
+        if self._base is None and self.probe is not None:
             self._base = self.grip.moe.trace(self.probe)
         self._run_before_reporters(sys._getframe(1).f_locals.get("self"))
 
@@ -117,7 +117,8 @@ class GRIPCallback(TrainerCallback):
         if new:
             for pos, layer in enumerate(self.grip.moe.layers):
                 out[f"grip/removed_layer{layer.index}"] = sum(s.removed[pos] for s in new) / len(new)
-        out["grip/retain_stability"] = self.retain_stability()
+        if self.probe is not None:
+            out["grip/retain_stability"] = self.retain_stability()
         return out
 
     @torch.no_grad()

@@ -98,7 +98,11 @@ def greedy_correct(model: MoEModel | nn.Module, examples: Sequence, tokenizer=No
     from ..data import exact_match
 
     qa = [ex for ex in examples if _is_qa(ex)]
-    preds = greedy_predictions(model, qa, tokenizer, batch_size, max_new_tokens)
+    # an answer longer than gold + EOS cannot match exactly: stop generating there (a large saving
+    # on unlearned models, which rarely emit EOS)
+    _, tok = unwrap(model, tokenizer)
+    longest = max((len(tok(" " + ex.answer, add_special_tokens=False)["input_ids"]) for ex in qa), default=0)
+    preds = greedy_predictions(model, qa, tokenizer, batch_size, min(max_new_tokens, longest + 2))
     return [bool(exact_match(p, ex.answer)) for p, ex in zip(preds, qa)]
 
 

@@ -56,6 +56,15 @@ def fit_projection(X, method: str = "pca", seed: int = 0, n_neighbors: int = 15,
     return Projection("umap", pca, reducer, pca.explained_variance_ratio_[:2].tolist()), np.asarray(coords, np.float32)
 
 
+def umap_coords(X_before, X_after=None, seed: int = 0) -> dict:
+    """UMAP fitted on `X_before`, applied to `X_after`: {"before": (n, 2), "after": (m, 2) or None}.
+
+    Plain arrays in and out, so it can run in a worker process (the dashboard does, off its GIL).
+    """
+    proj, before = fit_projection(X_before, "umap", seed=seed)
+    return {"before": before, "after": proj.transform(X_after) if X_after is not None else None}
+
+
 def _color_map(labels: Sequence) -> dict:
     uniq = list(dict.fromkeys(labels))
     if all(isinstance(v, (int, np.integer)) for v in uniq):
@@ -129,6 +138,7 @@ def embedding_pair(before, after, labels_before: Sequence, labels_after: Sequenc
     fig.update_layout(dragmode="lasso", legend=dict(itemsizing="constant"))
     fig.update_xaxes(title=axis_names[0], zeroline=False)
     fig.update_yaxes(title=axis_names[1], zeroline=False, col=1)
+    fig.update_layout(xaxis2=dict(matches="x"), yaxis2=dict(matches="y"))   # one zoom, one scale
     return fig
 
 

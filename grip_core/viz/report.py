@@ -211,14 +211,17 @@ def run_summary_row(name: str, summary: Mapping | None, config: Mapping | None =
     probes = _probe_splits(_get(summary, *PROBES))
     rest = _get(summary, *RESTORATION) or {}
     pick = lambda key, fallback: finite(h.get(key)) if h.get(key) is not None else fallback
+    recovered = pick("restoration_recovered", finite(rest.get("recovered")) if isinstance(rest, Mapping) else None)
+    forgotten = finite(rest.get("forgotten")) if isinstance(rest, Mapping) else None
+    if forgotten is not None and forgotten < 0.05:
+        recovered = None                       # nothing was forgotten: "recovers 0 %" would mislead
     return {"run": name,
             "retained stability": pick("retain_stability", s["stability"]),
             "router-only stability": pick("retain_stability_router_only", s["stability_router_only"]),
             "forget selection shift": pick("forget_shift", s["forget_shift"]),
             "forget EM": pick("forget_em", finite(probes.get("forget", {}).get("exact_match"))),
             "retain EM": pick("retain_em", finite(probes.get("retain", {}).get("exact_match"))),
-            "restoration recovers": pick("restoration_recovered", finite(rest.get("recovered"))
-                                         if isinstance(rest, Mapping) else None),
+            "restoration recovers": recovered,
             "steps": _get(summary, "steps_done", "timing.steps")}
 
 
@@ -249,7 +252,7 @@ def compare_sentence(runs: Mapping[str, tuple[Mapping | None, Mapping | None]]) 
         rec = finite(rest.get("recovered")) if isinstance(rest, Mapping) else None
         forgotten = finite(rest.get("forgotten")) if isinstance(rest, Mapping) else None
         if rec is not None and forgotten is not None and forgotten < 0.05:
-            bits.append("it forgot no forget-set answers yet (exact match did not drop)")
+            bits.append("its forget-set exact match has not dropped yet")
         elif rec is not None:
             bits.append(f"restoring its original routers brought back {pct(rec, 0)} of the forgotten answers")
         parts.append(f"{name} " + (", ".join(bits[:-1]) + " and " + bits[-1] if len(bits) > 1 else
@@ -261,3 +264,15 @@ def runs_table(runs: Mapping[str, tuple[Mapping | None, Mapping | None]]) -> pd.
     """Headline numbers of several runs (name -> (summary, config)), one row each."""
     df = pd.DataFrame([run_summary_row(n, s, c) for n, (s, c) in runs.items()])
     return _floats(df, exclude=("run",))
+
+
+def percent_strings(df: pd.DataFrame, exclude=("run", "steps", "split", "measure", "verdict"), digits: int = 1
+                    ) -> pd.DataFrame:
+    """A display copy of a table: fractions as "66.8 %", missing values as "—" (the CSV keeps the numbers)."""
+    out = df.copy()
+    for c in out.columns:
+        if c not in exclude:
+            out[c] = [("—" if v is None or v != v else f"{100 * v:.{digits}f} %") for v in out[c]]
+        elif c == "steps":
+            out[c] = ["—" if v is None or v != v else f"{int(v)}" for v in out[c]]
+    return out

@@ -59,7 +59,8 @@ def load_heatmap(summary: Mapping, title: str | None = None, subtitle: str | Non
     return fig
 
 
-def expert_label_heatmap(matrix: Mapping, nmi: float | None = None, title: str | None = None) -> go.Figure:
+def expert_label_heatmap(matrix: Mapping, nmi: float | None = None, title: str | None = None,
+                         label_name: str = "domain") -> go.Figure:
     """Label (e.g. domain) x expert routing frequencies, from `expert_by_label_matrix(...).to_dict()`.
 
     Row-normalised: row r shows where label r's tokens were sent (each row sums to 100 %).
@@ -70,7 +71,8 @@ def expert_label_heatmap(matrix: Mapping, nmi: float | None = None, title: str |
     z = z * scale
     counts = np.asarray(matrix.get("counts", matrix["matrix"]), dtype=float)
     E = z.shape[1]
-    unit = {"row": "% of the label's slots", "col": "% of the expert's slots", "all": "% of all slots"}.get(norm, "slots")
+    unit = {"row": f"% of the {label_name}'s slots", "col": "% of the expert's slots",
+            "all": "% of all slots"}.get(norm, "slots")
     fig = go.Figure(go.Heatmap(
         z=z, x=[f"E{e}" for e in range(E)], y=list(matrix["labels"]), colorscale=SEQUENTIAL, zmin=0,
         customdata=counts, text=_cell_text(z, lambda v: f"{v:.0f}"), texttemplate="%{text}" if E <= 16 else None,
@@ -128,13 +130,15 @@ def load_entropy_bars(series: Mapping[str, Mapping], title: str | None = None) -
     name -> (layers, values).
     """
     fig = go.Figure()
+    bars = sum(len(s["entropy"] if isinstance(s, Mapping) else s[1]) for s in series.values())
     for i, (name, s) in enumerate(series.items()):
         layers, ent = (s["layers"], s["entropy"]) if isinstance(s, Mapping) else s
         fig.add_bar(x=_layer_names(layers), y=list(ent), name=name, marker_color=run_color(name, index=i),
-                    text=[f"{v:.3f}" for v in ent], textposition="outside",
+                    text=[f"{v:.2f}" for v in ent] if bars <= 8 else None, textposition="outside",
+                    textfont=dict(size=11),
                     hovertemplate=f"{name}<br>%{{x}}: H / log E = %{{y:.4f}}<extra></extra>")
     apply_style(fig, title or "Expert-load entropy per layer",
-                subtitle="H / log E: 1 = balanced load, 0 = one expert takes every slot",
+                subtitle="H / log E · 1 = balanced, 0 = one expert takes all",
                 height=380, legend=len(series) > 1)
     fig.update_yaxes(range=[0, 1.1], title="normalised entropy")
     fig.update_layout(barmode="group")
@@ -161,7 +165,8 @@ def routing_shift_heatmap(freq_change: Sequence[Sequence[float]], layers: Sequen
                  "unlearned %{customdata[1]:.2f} %<extra></extra>")
     fig = go.Figure(go.Heatmap(
         z=z, x=[f"E{e}" for e in range(E)], y=_layer_names(layers), colorscale=DIVERGING, zmid=0, zmin=-lim, zmax=lim,
-        customdata=custom, text=_cell_text(z, lambda v: f"{v:+.1f}"), texttemplate="%{text}" if E <= 16 else None,
+        customdata=custom, text=_cell_text(z, lambda v: f"{v:+.1f}" if abs(v) >= 0.05 else "·"),
+        texttemplate="%{text}" if E <= 16 else None,
         colorbar=dict(title=dict(text="Δ pp", side="right")), hovertemplate=hover, xgap=1, ygap=1))
     apply_style(fig, title or "Routing shift per layer and expert",
                 subtitle=subtitle or "Δ share of routing slots, unlearned − base (pp)",

@@ -73,3 +73,29 @@ def finite(x) -> float | None:
     except (TypeError, ValueError):
         return None
     return v if math.isfinite(v) else None
+
+
+def label_routing(trace: RoutingTrace, labels: Sequence, answers_only: bool = False) -> dict:
+    """Label (e.g. domain) x expert matrices at every layer and NMI(label; top-1 expert) per layer, as plain data.
+
+    `labels`: one per sequence or per token; `answers_only` keeps the answer tokens (needs labels in the batch).
+    """
+    from ..metrics.routing import domain_expert_nmi, expert_by_label_matrix
+
+    per_token = token_labels(trace, labels)
+    if answers_only and trace.answer_mask is not None:
+        keep = trace.answer_mask.tolist()
+        trace = trace.subset(trace.answer_mask)
+        per_token = [v for v, k in zip(per_token, keep) if k]
+    nmi = domain_expert_nmi(trace, per_token)
+    return {"nmi": nmi.to_dict(),
+            "matrices": [expert_by_label_matrix(trace, per_token, layer=l).to_dict() for l in range(trace.num_layers)]}
+
+
+def embedding_points(trace: RoutingTrace, layer: int, tokenizer=None) -> dict:
+    """Router inputs of MoE layer position `layer` as a float32 array plus per-token top-1 expert and strings."""
+    if trace.inputs is None:
+        raise ValueError("the trace has no router inputs: trace with keep_inputs=True")
+    return {"X": trace.inputs[layer].float().numpy(), "top1": top1_labels(trace, layer),
+            "tokens": display_tokens(tokenizer, trace.token_ids.tolist()),
+            "sequence": trace.sequence_index.tolist(), "position": trace.position.tolist()}

@@ -1,0 +1,1 @@
+"""GRIP Studio benchmarks (see README.md)."""

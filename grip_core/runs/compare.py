@@ -1,0 +1,83 @@
+"""compare: methods x GRIP modes on one model + data, sharing one Baseline; one table row per run."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from ..grip import GRIPConfig
+from ..moe import MoEModel
+from .config import RunConfig
+from .data import UnlearningData
+from .evaluate import Baseline
+from .job import RunResult, run_unlearning
+from .presets import get_preset
+
+# CLI/UI names of GRIP modes -> GRIPConfig overrides ("drift" = update mode + drift correction every 10 steps)
+GRIP_MODES: dict[str, dict] = {
+    "off": {"mode": "off"},
+    "update": {"mode": "update"},
+    "gradient": {"mode": "gradient"},
+    "drift": {"mode": "update", "drift_every": 10},
+    "update-relative": {"mode": "update", "threshold_kind": "relative"},
+}
+
+TABLE_COLUMNS = ["method", "grip", "status", "steps", "forget_em", "retain_em", "holdout_em", "membership_auc",
+                 "retain_stability", "retain_stability_router_only", "retain_stability_drift_only", "forget_shift",
+                 "restoration_recovered", "step_ms", "grip_ms", "run_dir"]
+
+
+def grip_config(mode_name: str, seed: int = 0, **overrides) -> GRIPConfig:
+    if mode_name not in GRIP_MODES:
+        raise ValueError(f"unknown GRIP mode {mode_name!r}; choose from {sorted(GRIP_MODES)}")
+    return GRIPConfig(**{**GRIP_MODES[mode_name], "seed": seed, **overrides})
+
+
+def make_config(method: str, grip_mode: str, preset: str = "shortcut", seed: int = 0, steps: int = 60,
+                **overrides) -> RunConfig:
+    """A RunConfig for one (method, GRIP mode) cell of a preset regime."""
+    p = get_preset(preset)
+    return RunConfig(method=method, method_args=dict(p.method_args), scope=dataclasses.replace(p.scope),
+                     grip=grip_config(grip_mode, seed), seed=seed, steps=steps,
+                     label=f"{method}-{grip_mode}-{preset}-s{seed}", **overrides)
+
+
+def result_row(method: str, grip_mode: str, result: RunResult) -> dict:
+    """One table row from a finished job (NaN-free: missing numbers are None)."""
+    h = result.summary.get("headline", {})
+    t = result.summary.get("timing", {})
+    row = {"method": method, "grip": grip_mode, "status": result.status, "steps": result.steps_done,
+           **{k: h.get(k) for k in TABLE_COLUMNS if k in h},
+           "step_ms": t.get("step_ms_median"), "grip_ms": t.get("grip_ms_median"),
+           "run_dir": str(result.run_dir) if result.run_dir else None, "reason": result.reason}
+    return row
+
+
+def compare(moe: MoEModel, data: UnlearningData, methods: list[str], grip_modes: list[str],
+            preset: str = "shortcut", seed: int = 0, steps: int = 60, runs_dir=None,
+            on_row: Callable[[dict], None] | None = None, **config_overrides) -> list[dict]:
+    """Every (method, mode) pair on the same data and seed; the base model is measured once."""
+    configs = [(m, g, make_config(m, g, preset, seed, steps, **config_overrides)) for m in methods for g in grip_modes]
+    baseline = Baseline.compute(moe, data, configs[0][2])
+    rows = []
+    for method, mode, config in configs:
+        result = run_unlearning(moe, config, data, baseline=baseline, runs_dir=runs_dir)
+        rows.append(result_row(method, mode, result))
+        if on_row:
+            on_row(rows[-1])
+    return rows
+
+
+def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A fixed-width text table (percentages for fractions)."""
+    columns = columns or [c for c in TABLE_COLUMNS if c != "run_dir"]
+
+    def fmt(c, v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.1f}" if c.endswith("_ms") else f"{v:.3f}"
+        return str(v)
+    cells = [[fmt(c, r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(columns)]
+    line = lambda xs: "  ".join(x.rjust(w) for x, w in zip(xs, widths))
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(x) for x in cells])

@@ -1,0 +1,121 @@
+"""What a job measures: a few numbers every N steps, and the full forgot-or-rerouted report at the end.
+
+Everything here is computed from the base model (once, in `Baseline`) and the model being
+unlearned, through grip_core.metrics; the results are plain dicts, ready for the run store.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..data import encode_qa
+from ..metrics import (compare_traces, exact_match_accuracy, full_router_state, router_restoration_attack,
+                       routing_shift_attribution, run_probes)
+from ..moe import MoEModel, RoutingTrace
+
+
+def _cap(examples: list, n: int) -> list:
+    return examples[:n] if n else examples
+
+
+def _trace(moe: MoEModel, examples, max_length: int, keep_inputs: bool) -> RoutingTrace:
+    batches = [encode_qa(moe.tokenizer, examples[i:i + 64], max_length=max_length)
+               for i in range(0, len(examples), 64)]
+    return moe.trace(batches, keep_inputs=keep_inputs)
+
+
+@dataclass
+class Baseline:
+    """The base model's side of every comparison, computed once and shared by many jobs.
+
+    Holds the base routers (the restoration attack puts them back), the base traces of the
+    retained-evaluation and forget sets WITH router inputs (attribution needs them), and the
+    base probes.
+    """
+
+    router_state: dict[str, torch.Tensor]       # moe.router_state(): weights (+ logit biases)
+    full_routers: dict[str, torch.Tensor]       # every router tensor incl. selection-bias buffers
+    retain_trace: RoutingTrace
+    forget_trace: RoutingTrace
+    step_forget: list                           # the per-step forget probe subset
+    step_em: dict[str, float]                   # base EM on the per-step probe subsets
+    probes: dict                                # base probes on the final splits (ProbeResult.to_dict())
+    max_length: int
+
+    @classmethod
+    @torch.no_grad()
+    def compute(cls, moe: MoEModel, data, config) -> "Baseline":
+        n = config.eval_examples
+        step_forget = data.forget[:n]
+        final = {k: _cap(v, config.final_eval_examples) for k, v in data.splits().items()}
+        return cls(
+            router_state=moe.router_state(), full_routers=full_router_state(moe),
+            retain_trace=_trace(moe, data.retain_eval, config.max_length, keep_inputs=True),
+            forget_trace=_trace(moe, _cap(data.forget, config.final_eval_examples), config.max_length, True),
+            step_forget=step_forget,
+            step_em={"forget_em": exact_match_accuracy(moe, step_forget),
+                     "retain_em": exact_match_accuracy(moe, data.retain_eval)},
+            probes=run_probes(moe, final).to_dict(), max_length=config.max_length)
+
+
+@torch.no_grad()
+def evaluate_step(work: MoEModel, baseline: Baseline, data, config) -> dict:
+    """Cheap numbers for the live curves: retained stability, forget shift, forget/retain EM."""
+    retain = compare_traces(baseline.retain_trace, _trace(work, data.retain_eval, config.max_length, False))
+    forget_trace = _trace(work, _cap(data.forget, config.final_eval_examples), config.max_length, False)
+    forget = compare_traces(baseline.forget_trace, forget_trace)
+    return {"retain_stability": retain.stability, "forget_shift": forget.shift,
+            "forget_em": exact_match_accuracy(work, baseline.step_forget),
+            "retain_em": exact_match_accuracy(work, data.retain_eval)}
+
+
+@torch.no_grad()
+def evaluate_final(work: MoEModel, base: MoEModel, baseline: Baseline, data, config, grip=None) -> dict:
+    """The full report: probes, routing (retain + forget), attribution, restoration attack, GRIP ranks."""
+    final = {k: _cap(v, config.final_eval_examples) for k, v in data.splits().items()}
+    probes = run_probes(work, final).to_dict()
+    new_retain = _trace(work, data.retain_eval, baseline.max_length, keep_inputs=True)
+    new_forget = _trace(work, final["forget"], baseline.max_length, keep_inputs=True)
+    routing_retain = compare_traces(baseline.retain_trace, new_retain)
+    routing_forget = compare_traces(baseline.forget_trace, new_forget)
+    attr_retain = routing_shift_attribution(base, baseline.full_routers, work, baseline.retain_trace, new_retain)
+    attr_forget = routing_shift_attribution(base, baseline.full_routers, work, baseline.forget_trace, new_forget)
+    restoration = router_restoration_attack(work, baseline.router_state, final["forget"],
+                                            em_base=baseline.probes["splits"]["forget"]["exact_match"])
+    em = lambda p, s: p["splits"].get(s, {}).get("exact_match")
+    headline = {
+        "forget_em": em(probes, "forget"), "retain_em": em(probes, "retain"), "holdout_em": em(probes, "holdout"),
+        "paraphrase_forget_em": em(probes, "paraphrase_forget"),
+        "base_forget_em": em(baseline.probes, "forget"), "base_retain_em": em(baseline.probes, "retain"),
+        "membership_auc": probes.get("membership_auc"), "base_membership_auc": baseline.probes.get("membership_auc"),
+        "retain_stability": routing_retain.stability, "retain_stability_router_only": attr_retain.stability_router_only,
+        "retain_stability_drift_only": attr_retain.stability_drift_only,
+        "forget_shift": routing_forget.shift, "retain_shift": routing_retain.shift,
+        "forget_shift_router_share": attr_forget.router_share,
+        "restoration_recovered": restoration.recovered, "restoration_recovered_raw": restoration.recovered_raw,
+        "restored_forget_em": restoration.em_restored}
+    out = {"headline": headline, "probes": probes, "base_probes": baseline.probes,
+           "routing_retain": routing_retain.to_dict(), "routing_forget": routing_forget.to_dict(),
+           "attribution_retain": attr_retain.to_dict(), "attribution_forget": attr_forget.to_dict(),
+           "restoration": restoration.to_dict()}
+    if grip is not None and grip.config.mode != "off":
+        out["grip"] = grip_rank_report(grip)
+    return out
+
+
+def grip_rank_report(grip) -> dict:
+    """Null-space rank per layer x expert (d - rank(U_j)) and the mean free dimensions per layer."""
+    return {"mode": grip.config.mode, "threshold_kind": grip.config.threshold_kind,
+            "eps_null": grip.config.eps_null, "energy": grip.config.energy,
+            "null_space_rank": grip.null_space_rank.tolist(), "mean_free_dims": grip.mean_free_dims.tolist(),
+            "layers": [l.index for l in grip.moe.layers]}
+
+
+def grip_step_row(stats) -> dict:
+    """The per-step log fields of one GRIPStepStats (means over layers; the same keys in every mode)."""
+    mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0
+    return {"grip_removed": mean(stats.removed), "grip_leak": mean(stats.leak),
+            "grip_alpha_min": min(stats.alpha_min) if stats.alpha_min else 1.0,
+            "grip_ms": stats.t_project_ms + stats.t_margin_ms + stats.t_drift_ms,
+            "grip_drift_ms": stats.t_drift_ms}
