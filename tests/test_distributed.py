@@ -160,7 +160,7 @@ def test_two_process_job_matches_one_process(tmp_path):
 
     src = _demo_source()
     # few steps, small evaluation: GradDiff + GRIP (update mode) in the shortcut regime
-    config = make_config("graddiff", "update", "shortcut", seed=3, steps=3, eval_every=2, eval_examples=8,
+    config = make_config("graddiff", "update", "shortcut", seed=3, steps=3, eval_every=3, eval_examples=8,
                          final_eval_examples=8, batch_size=8, grip_fit_examples=96)
     cfg_file = tmp_path / "config.json"
     cfg_file.write_text(json.dumps(config.to_dict()))

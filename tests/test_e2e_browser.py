@@ -218,7 +218,7 @@ def test_main_path(server, e2e_settings):
 def _readme_copy(page) -> None:
     """A small PNG of the compare page's top (headline + heatmaps) for the README (< 300 KB)."""
     README_IMAGE.parent.mkdir(parents=True, exist_ok=True)
-    page.set_viewport_size({"width": 1280, "height": 900})
+    page.set_viewport_size({"width": 1280, "height": 1280})
     page.wait_for_timeout(800)
     page.screenshot(path=str(README_IMAGE), full_page=False)
     assert README_IMAGE.stat().st_size < 300_000

@@ -17,7 +17,7 @@ from grip_core.runs.compare import make_config
 from grip_core.runs.diagnose import diagnose, verdict_from
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(eval_examples=16, final_eval_examples=24, eval_every=2, batch_size=8)
+SMALL = dict(eval_examples=16, final_eval_examples=24, eval_every=2, batch_size=8, grip_fit_examples=256)
 
 
 @pytest.fixture(scope="module")

@@ -80,9 +80,9 @@ for i, (col, n) in enumerate(zip(cols, names)):
             st.info(f"{n}: no {which}-set routing in its summary.", icon=":material/info:")
             continue
         fig = viz.routing_shift_heatmap(mats[n], s["layers"], title=n,
-                                        subtitle=f"{which} tokens: share of routing slots, unlearned − base (pp)",
+                                        subtitle=f"{which} tokens · Δ share of routing slots (pp)",
                                         zmax=zmax, freq_base=s.get(f"{which}_freq_base"),
-                                        freq_new=s.get(f"{which}_freq_new"))
+                                        freq_new=s.get(f"{which}_freq_new"), cell_text=len(names) == 1)
         ui.figure(fig, key=f"cmp_shift_{i}", file_name=f"routing-shift-{which}-{i}")
 
 # ----------------------------------------------------------------------------- stability / shift
@@ -148,10 +148,10 @@ else:
     ui.table(rest, "cmp_restoration", "restoration", display=viz.percent_strings(rest))
 
 # ----------------------------------------------------------------------------- curves and configs
-st.subheader("Training curves")
-logs = {n: r.steps for n, r in zip(names, loaded) if r.steps}
+logs = {n: viz.step_log_with_base(r.steps, r.summary) for n, r in zip(names, loaded) if r.steps}
 if logs:
-    ui.figure(viz.training_curves(logs, colors=colors), key="cmp_curves", file_name="training-curves")
+    ui.figure(viz.training_curves(logs, colors=colors, title="Training curves (from the step logs)"),
+              key="cmp_curves", file_name="training-curves")
 with st.expander("Run configurations"):
     cols = st.columns(len(names))
     for col, n, r in zip(cols, names, loaded):

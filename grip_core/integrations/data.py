@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 from torch.utils.data import IterableDataset
 
 from ..data import QAExample, encode_qa
-from ..runs.job import _batches   # the runner's own sampler: same code, same order
+from ..runs.job import example_batches   # the runner's own sampler: same code, same order
 
 
 class ForgetRetainStream(IterableDataset):
@@ -32,8 +32,8 @@ class ForgetRetainStream(IterableDataset):
         self.batch_size, self.seed = batch_size, seed
 
     def __iter__(self) -> Iterator[dict]:
-        forget = _batches(self.forget, self.batch_size, self.seed)
-        retain = _batches(self.retain, self.batch_size, self.seed + 1)
+        forget = example_batches(self.forget, self.batch_size, self.seed)
+        retain = example_batches(self.retain, self.batch_size, self.seed + 1)
         while True:
             yield from ({"forget": f, "retain": r} for f, r in zip(next(forget), next(retain)))
 

@@ -123,7 +123,9 @@ class GRIPCallback(TrainerCallback):
 
     @torch.no_grad()
     def retain_stability(self) -> float:
-        """Share of probe tokens whose top-k expert set is unchanged since training began (all layers pooled)."""
+        """Share of probe tokens whose top-k expert set is unchanged since the first train() (layers pooled)."""
+        if self.probe is None:
+            raise ValueError("GRIPCallback: no probe (GRIP stored none at fit time): pass probe_batch=")
         if self._base is None:
             self._base = self.grip.moe.trace(self.probe)
         return compare_traces(self._base, self.grip.moe.trace(self.probe)).stability

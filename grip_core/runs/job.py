@@ -72,7 +72,7 @@ def _is_cancelled(cancel) -> bool:
     return cancel.is_set() if isinstance(cancel, threading.Event) else bool(cancel())
 
 
-def _batches(examples, batch_size: int, seed: int):
+def example_batches(examples, batch_size: int, seed: int):
     """Endless deterministic stream of example batches, reshuffled each epoch."""
     rng = random.Random(seed)
     order = list(range(len(examples)))
@@ -119,19 +119,22 @@ def run_unlearning(moe: MoEModel, config: RunConfig, data: UnlearningData | None
         optimizer = torch.optim.AdamW(groups, lr=config.scope.lr, weight_decay=config.weight_decay)
 
         t0 = time.perf_counter()
-        fit_examples = data.retain_train[:config.grip_fit_examples] if config.grip_fit_examples else data.retain_train
-        fit_examples = dist.shard(fit_examples)                                         # [distributed] r::N
-        grip = GRIP(work, fit_retain_statistics(work, (encode(fit_examples[i:i + 64]) for i in range(0, len(fit_examples), 64)),
-                                                config.grip, reduce=dist.fit_reducer()), config.grip)  # [distributed] = GRIP.fit
+        grip = None   # vanilla runs (mode "off") skip the fit and the hooks: they pay nothing for GRIP
+        if config.grip.mode != "off":
+            fit_examples = data.retain_train[:config.grip_fit_examples] if config.grip_fit_examples else data.retain_train
+            fit_examples = dist.shard(fit_examples)                                     # [distributed] r::N
+            grip = GRIP(work, fit_retain_statistics(
+                work, (encode(fit_examples[i:i + 64]) for i in range(0, len(fit_examples), 64)),
+                config.grip, reduce=dist.fit_reducer()), config.grip)                  # [distributed] = GRIP.fit
+            optimizer = grip.wrap(optimizer)
+            if writer:
+                writer.write_json("grip_ranks.json", grip_rank_report(grip))
         fit_seconds = time.perf_counter() - t0
-        optimizer = grip.wrap(optimizer)
         optimizer = dist.prepare_optimizer(optimizer)                   # [distributed] accelerate wraps the hooked optimizer
         params = [p for g in groups for p in g["params"]]
-        if writer and config.grip.mode != "off":
-            writer.write_json("grip_ranks.json", grip_rank_report(grip))
 
-        forget_stream = _batches(data.forget, config.batch_size, config.seed)
-        retain_stream = _batches(data.retain_train, config.batch_size, config.seed + 1)
+        forget_stream = example_batches(data.forget, config.batch_size, config.seed)
+        retain_stream = example_batches(data.retain_train, config.batch_size, config.seed + 1)
         model.train()
         step_seconds, grip_seconds = [], []
         for step in range(1, config.steps + 1):
@@ -153,7 +156,7 @@ def run_unlearning(moe: MoEModel, config: RunConfig, data: UnlearningData | None
                 dist.clip_grad_norm_(params, config.max_grad_norm)                     # [distributed]
             optimizer.step()
             step_seconds.append(time.perf_counter() - t_step)
-            grip_row = grip_step_row(grip.history[-1]) if grip.history else {}
+            grip_row = grip_step_row(grip.history[-1]) if grip is not None and grip.history else {}
             grip_seconds.append(grip_row.get("grip_ms", 0.0) / 1000)
             row = {"step": step, "loss": float(logged.item()), **dist.mean_dict(out.parts), **grip_row,
                    "step_ms": 1000 * step_seconds[-1]}

@@ -12,7 +12,7 @@ from typing import Sequence
 import plotly.graph_objects as go
 
 from .report import (compare_sentence, grip_mode, null_space_ranks, probes_table, restoration_table,
-                     run_display_name, run_layer_series, runs_table)
+                     run_display_name, run_layer_series, runs_table, step_log_with_base)
 from .routing import nullspace_heatmap, routing_shift_heatmap, shared_shift_range
 from .runs import attribution_bars, selection_shift_bars, stability_bars, stability_compare_bars, training_curves
 from .style import run_color
@@ -55,7 +55,7 @@ def runs_figures(runs) -> dict[str, go.Figure]:
         if nr:
             figs[f"null-space-{i}"] = nullspace_heatmap(nr["ranks"], nr["layers"], nr["dim"],
                                                         title=f"Null-space rank — {n}")
-    logs = {n: r.steps for n, r in zip(names, runs) if getattr(r, "steps", None)}
+    logs = {n: step_log_with_base(r.steps, r.summary) for n, r in zip(names, runs) if getattr(r, "steps", None)}
     if logs:
         figs["curves"] = training_curves(logs, colors=colors)
     return figs

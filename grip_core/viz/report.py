@@ -178,7 +178,8 @@ def restoration_table(runs: Mapping[str, Mapping]) -> pd.DataFrame:
                      "forget EM (unlearned)": finite(r.get("em_unlearned")),
                      "forget EM (original routers restored)": finite(r.get("em_restored")),
                      "recovered": finite(r.get("recovered")),
-                     "verdict": restoration_verdict(finite(r.get("recovered")), finite(r.get("forgotten")))})
+                     "verdict": restoration_verdict(finite(r.get("recovered")), finite(r.get("forgotten")),
+                                                    finite(r.get("em_unlearned")))})
     df = pd.DataFrame(rows, columns=["run", "forget EM (base)", "forget EM (unlearned)",
                                      "forget EM (original routers restored)", "recovered", "verdict"])
     return _floats(df, exclude=("run", "verdict"))
@@ -192,7 +193,9 @@ def _floats(df: pd.DataFrame, exclude=()) -> pd.DataFrame:
     return df
 
 
-def restoration_verdict(recovered: float | None, forgotten: float | None = None) -> str:
+def restoration_verdict(recovered: float | None, forgotten: float | None = None,
+                        em_unlearned: float | None = None) -> str:
+    """Words for the restoration attack (the vocabulary of grip_core.runs.diagnose: rerouted / erased / mixed)."""
     if forgotten is not None and forgotten < 0.05:
         return "nothing was forgotten"
     if recovered is None:
@@ -200,8 +203,19 @@ def restoration_verdict(recovered: float | None, forgotten: float | None = None)
     if recovered >= 0.5:
         return "rerouted: the knowledge is still in the experts"
     if recovered >= 0.15:
-        return "partly rerouted"
-    return "forgot: restoring the routers brings little back"
+        return "mixed: restoring the routers brings part of it back"
+    partial = " (forgetting still partial)" if em_unlearned is not None and em_unlearned > 0.1 else ""
+    return "erased: restoring the routers brings little back" + partial
+
+
+def step_log_with_base(steps: Sequence[Mapping], summary: Mapping | None) -> list[dict]:
+    """The step log with a step-0 row from the base model (stability 100 %, base EM), so curves start at the start."""
+    h = _get(summary, "headline") or {}
+    if not steps or h.get("base_forget_em") is None or any(r.get("step") == 0 for r in steps):
+        return list(steps)
+    base = {"step": 0, "retain_stability": 1.0, "forget_shift": 0.0, "forget_em": h.get("base_forget_em"),
+            "retain_em": h.get("base_retain_em")}
+    return [base, *steps]
 
 
 def run_summary_row(name: str, summary: Mapping | None, config: Mapping | None = None) -> dict:

@@ -54,7 +54,7 @@ def load_heatmap(summary: Mapping, title: str | None = None, subtitle: str | Non
                 subtitle=subtitle or (f"share of top-{summary.get('top_k', 'k')} slots · {n:,} tokens · "
                                       f"uniform = {100 / max(E, 1):.1f} %" if n is not None else None),
                 height=max(300, 90 + 42 * z.shape[0]))
-    fig.update_yaxes(autorange="reversed", title="MoE layer")
+    fig.update_yaxes(autorange="reversed", title=None)
     fig.update_xaxes(title="expert", side="bottom")
     return fig
 
@@ -147,7 +147,7 @@ def load_entropy_bars(series: Mapping[str, Mapping], title: str | None = None) -
 
 def routing_shift_heatmap(freq_change: Sequence[Sequence[float]], layers: Sequence[int], title: str | None = None,
                           subtitle: str | None = None, zmax: float | None = None, freq_base=None,
-                          freq_new=None) -> go.Figure:
+                          freq_new=None, cell_text: bool = True) -> go.Figure:
     """Layer x expert change in routing frequency (percentage points), unlearned − base.
 
     Diverging scale centred at 0 (`zmid=0`): red = the expert gets more slots after
@@ -165,13 +165,13 @@ def routing_shift_heatmap(freq_change: Sequence[Sequence[float]], layers: Sequen
                  "unlearned %{customdata[1]:.2f} %<extra></extra>")
     fig = go.Figure(go.Heatmap(
         z=z, x=[f"E{e}" for e in range(E)], y=_layer_names(layers), colorscale=DIVERGING, zmid=0, zmin=-lim, zmax=lim,
-        customdata=custom, text=_cell_text(z, lambda v: f"{v:+.1f}" if abs(v) >= 0.05 else "·"),
-        texttemplate="%{text}" if E <= 16 else None,
+        customdata=custom, text=_cell_text(z, lambda v: f"{v:+.1f}" if abs(v) >= 0.05 else "·") if cell_text else None,
+        texttemplate="%{text}" if E <= 16 and cell_text else None,
         colorbar=dict(title=dict(text="Δ pp", side="right")), hovertemplate=hover, xgap=1, ygap=1))
     apply_style(fig, title or "Routing shift per layer and expert",
                 subtitle=subtitle or "Δ share of routing slots, unlearned − base (pp)",
                 height=max(300, 100 + 42 * z.shape[0]))
-    fig.update_yaxes(autorange="reversed", title="MoE layer")
+    fig.update_yaxes(autorange="reversed", title=None)
     fig.update_xaxes(title="expert")
     return fig
 
@@ -200,7 +200,7 @@ def nullspace_heatmap(ranks: Sequence[Sequence[float]], layers: Sequence[int], d
                 subtitle=subtitle or ("free directions per router row" + (f" (of d = {dim})" if dim else "") +
                                       " · 0 = frozen"),
                 height=max(300, 100 + 42 * z.shape[0]))
-    fig.update_yaxes(autorange="reversed", title="MoE layer")
+    fig.update_yaxes(autorange="reversed", title=None)
     fig.update_xaxes(title="expert")
     return fig
 

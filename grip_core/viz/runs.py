@@ -39,18 +39,20 @@ def stability_bars(layers: Sequence[int], attribution: Mapping[str, Sequence[flo
     """
     color = color or run_color(name)
     fig = go.Figure()
+    labels = len(layers) <= 3                  # 3 bars a layer: numbers only while they fit
     for key, label, c in ATTRIBUTION_BARS:
         vals = attribution.get(key)
         if vals is None:
             continue
         ys = [None if v is None else 100 * v for v in vals]
         fig.add_bar(x=_layer_names(layers), y=ys, name=label, marker_color=c or color,
-                    text=[("" if v is None else f"{v:.1f}") for v in ys], textposition="outside", cliponaxis=False,
+                    text=[("" if v is None else f"{v:.1f}") for v in ys] if labels else None, textposition="outside",
+                    cliponaxis=False,
                     hovertemplate=f"{label}<br>%{{x}}: %{{y:.2f}} % of retained tokens kept their top-k set"
                                   "<extra></extra>")
     _target_line(fig)
     apply_style(fig, title or (name or "Retained routing stability per layer"),
-                subtitle="retained top-k sets unchanged: actual vs router only vs drift only · dashed = 95 %",
+                subtitle="retained top-k sets kept: actual · router only · drift only",
                 height=440)
     fig.update_layout(barmode="group", bargap=0.25)
     fig.update_yaxes(range=[0, 112], title="stability (%)", ticksuffix=" %")
