@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from grip_core import load_model
-from grip_core.runs import RunConfig, UnlearningData, list_runs, load_run, run_unlearning
+from grip_core.runs import Baseline, RunConfig, UnlearningData, list_runs, load_run, run_unlearning
 from grip_core.runs.compare import make_config
 from grip_core.runs.diagnose import diagnose, verdict_from
 
@@ -30,15 +30,21 @@ def data():
     return UnlearningData.from_scenario("domain", seed=0, retain_eval_size=16)
 
 
+@pytest.fixture(scope="module")
+def baseline(demo, data):
+    """The base model's traces and probes, shared by every job here (as `compare` and the study do)."""
+    return Baseline.compute(demo, data, make_config("ga", "off", "shortcut", **SMALL))
+
+
 def _router_weights(moe):
     return [l.router_weight.detach().clone() for l in moe.layers]
 
 
-def test_job_is_deterministic_and_leaves_base_untouched(demo, data, tmp_path):
+def test_job_is_deterministic_and_leaves_base_untouched(demo, data, baseline, tmp_path):
     before = {k: v.clone() for k, v in demo.model.state_dict().items()}
     config = make_config("graddiff", "update", "shortcut", seed=3, steps=4, **SMALL)
-    a = run_unlearning(demo, config, data, runs_dir=tmp_path)
-    b = run_unlearning(demo, config, data, runs_dir=tmp_path)
+    a = run_unlearning(demo, config, data, baseline=baseline, runs_dir=tmp_path)
+    b = run_unlearning(demo, config, data, baseline=baseline, runs_dir=tmp_path)
     assert a.status == b.status == "completed"
     assert [r["loss"] for r in a.step_log] == [r["loss"] for r in b.step_log]
     assert a.summary["headline"] == b.summary["headline"]
@@ -47,13 +53,13 @@ def test_job_is_deterministic_and_leaves_base_untouched(demo, data, tmp_path):
     after = demo.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)   # the loaded base model is never mutated
     other = run_unlearning(demo, make_config("graddiff", "update", "shortcut", seed=4, steps=4, **SMALL), data,
-                           save=False)
+                           baseline=baseline, save=False)
     assert [r["loss"] for r in other.step_log] != [r["loss"] for r in a.step_log]
 
 
-def test_run_record_reloads(demo, data, tmp_path):
+def test_run_record_reloads(demo, data, baseline, tmp_path):
     result = run_unlearning(demo, make_config("npo", "off", "shortcut", seed=0, steps=2, **SMALL), data,
-                            runs_dir=tmp_path)
+                            baseline=baseline, runs_dir=tmp_path)
     saved = load_run(result.run_dir)
     assert saved.state == "completed"
     assert [s["step"] for s in saved.steps] == [1, 2]
@@ -64,7 +70,7 @@ def test_run_record_reloads(demo, data, tmp_path):
     assert [r.run_id for r in list_runs(tmp_path)] == [result.run_dir.name]
 
 
-def test_cancel_stops_between_steps(demo, data, tmp_path):
+def test_cancel_stops_between_steps(demo, data, baseline, tmp_path):
     cancel = threading.Event()
     seen = []
 
@@ -73,19 +79,21 @@ def test_cancel_stops_between_steps(demo, data, tmp_path):
         if row["step"] == 2:
             cancel.set()
     result = run_unlearning(demo, make_config("ga", "off", "shortcut", steps=50, **SMALL), data,
-                            progress=progress, cancel=cancel, runs_dir=tmp_path)
+                            baseline=baseline, progress=progress, cancel=cancel, runs_dir=tmp_path)
     assert result.status == "cancelled" and result.steps_done == 2 and seen == [1, 2]
     saved = load_run(result.run_dir)
     assert saved.state == "cancelled" and len(saved.steps) == 2 and saved.summary is None
 
 
-def test_nan_loss_stops_with_a_clear_reason(demo, data, tmp_path):
-    config = make_config("ga", "off", "routers-only", steps=30, **{**SMALL, "eval_every": 0, "max_grad_norm": None})
-    config.scope.lr = 1e6     # blows the weights up: the loss turns non-finite within a few steps
-    result = run_unlearning(demo, config, data, runs_dir=tmp_path)
-    assert result.status == "stopped"
-    assert "non-finite loss" in result.reason and "at step" in result.reason
+def test_nan_loss_stops_with_a_clear_reason(demo, data, baseline, tmp_path):
+    config = make_config("graddiff", "update", "shortcut", steps=30, **SMALL)
+    config.method_args = {"alpha": float("nan")}   # a broken hyper-parameter: the first loss is NaN
+    before = [l.router_weight.detach().clone() for l in demo.layers]
+    result = run_unlearning(demo, config, data, baseline=baseline, runs_dir=tmp_path)
+    assert result.status == "stopped" and result.steps_done == 0
+    assert "non-finite loss (nan) at step 1" in result.reason
     assert load_run(result.run_dir).status["reason"] == result.reason
+    assert all(torch.equal(a, l.router_weight) for a, l in zip(before, demo.layers))
 
 
 def test_killed_run_leaves_a_readable_partial_record(tmp_path):
@@ -112,18 +120,18 @@ def test_killed_run_leaves_a_readable_partial_record(tmp_path):
     assert not list(runs[0].parent.glob(".*.tmp"))   # no half-written file left behind visible as a record
 
 
-def test_diagnose_known_answers(demo, data, tmp_path):
+def test_diagnose_known_answers(demo, data, baseline, tmp_path):
     # Unlearned by moving ONLY the routers: whatever it forgot, restoring the routers must undo it.
     config = make_config("ga", "off", "routers-only", steps=15, **{**SMALL, "eval_every": 0}, save_weights=True)
-    result = run_unlearning(demo, config, data, runs_dir=tmp_path)
+    result = run_unlearning(demo, config, data, baseline=baseline, runs_dir=tmp_path)
     rerouted = load_model(result.run_dir / "model")
-    d = diagnose(demo, rerouted, data, eval_examples=16)
+    d = diagnose(demo, rerouted, data, eval_examples=16, final_eval_examples=24)
     h = d.report["headline"]
     assert h["forget_em"] < h["base_forget_em"] * 0.5
     assert d.verdict == "rerouted" and h["restoration_recovered"] > 0.9
     # only routers trained: the first MoE layer's router inputs cannot drift, so its shift is all router-caused
     assert d.report["attribution_retain"]["layers"][0]["stability_drift_only"] == 1.0
-    same = diagnose(demo, demo, data, eval_examples=16)
+    same = diagnose(demo, demo, data, eval_examples=16, final_eval_examples=24)
     assert same.verdict == "not forgotten" and same.report["headline"]["retain_stability"] == 1.0
 
 
@@ -159,7 +167,7 @@ def test_cli_rejects_non_moe_and_malformed_file(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     for argv, message in [(["trace", "--model", str(tmp_path / "dense"), "--file", str(bad)], "LlamaForCausalLM"),
-                          (["trace", "--model", "demo", "--file", str(bad)], "line 2"),
+                          (["trace", "--model", "demo", "--file", str(bad)], "bad.jsonl:2"),
                           (["trace", "--model", "demo", "--file", str(empty)], "empty"),
                           (["diagnose", "--base", "demo", "--unlearned", str(tmp_path / "dense"),
                             "--forget-file", str(bad), "--retain-file", str(bad)], "LlamaForCausalLM")]:

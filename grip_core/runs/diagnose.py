@@ -60,11 +60,15 @@ def verdict_from(headline: dict) -> tuple[str, str]:
 
 
 def diagnose(base: MoEModel, unlearned: MoEModel, data: UnlearningData, seed: int = 0,
-             eval_examples: int = 64) -> Diagnosis:
-    """Compare two checkpoints of the same architecture on forget/retain data."""
+             eval_examples: int = 64, final_eval_examples: int = 200) -> Diagnosis:
+    """Compare two checkpoints of the same architecture on forget/retain data.
+
+    Probes use at most `final_eval_examples` examples per split (0 = all): generation is the cost.
+    """
     if [l.router_weight.shape for l in base.layers] != [l.router_weight.shape for l in unlearned.layers]:
         raise ValueError("the base and unlearned models have different MoE router shapes: not the same architecture")
-    config = RunConfig(seed=seed, eval_examples=eval_examples, scenario=data.name, steps=0)
+    config = RunConfig(seed=seed, eval_examples=eval_examples, final_eval_examples=final_eval_examples,
+                       scenario=data.name, steps=0)
     baseline = Baseline.compute(base, data, config)
     report = evaluate_final(unlearned, base, baseline, data, config)
     verdict, paragraph = verdict_from(report["headline"])
