@@ -158,7 +158,7 @@ def run(quick: bool = False, steps: int | None = None, warmup: int | None = None
     from grip_core.methods import get_method
     from grip_core.runs.compare import make_config
     from grip_core.runs.data import UnlearningData
-    from grip_core.runs.job import _batches, seed_everything
+    from grip_core.runs.job import example_batches as _batches, seed_everything
 
     steps = steps or (10 if quick else 40)
     if fit_examples is None and quick:
