@@ -17,15 +17,6 @@ from grip_core.grip.project import (SelectionRule, augment, margin_bounds, margi
 from grip_core.moe.tiny import build_tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add sync overhead (10x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _batch(seed, B=4, T=8):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 128, (B, T), generator=g)

@@ -19,15 +19,6 @@ TOL = 1e-5
 METHODS = {"ga", "graddiff", "npo", "simnpo", "rmu"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: with 2 intra-op threads on a busy 2-core box a forward takes ~1 s instead of ~10 ms."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def models():
     """(model, ref): ref is the 'original', model a perturbed copy so log-ratios are non-zero."""

@@ -14,15 +14,6 @@ from grip_core.metrics import (ablate_experts, attribute_models, compare_traces,
 from grip_core.moe.tiny import build_tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is faster than two, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _trace(selected_per_layer, logits_per_layer=None, E=4, seq=None):
     """A RoutingTrace built by hand: selected_per_layer is a list of (N, k) lists."""
     sel = [torch.tensor(s) for s in selected_per_layer]

@@ -14,14 +14,6 @@ from grip_core.scope import SCOPE_KINDS, ScopeConfig, build_param_groups, scope_
 LR = 1e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def olmoe():
     cfg = transformers.OlmoeConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

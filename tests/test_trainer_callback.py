@@ -25,15 +25,6 @@ CONFIG = make_config("graddiff", "update", "shortcut", seed=0, steps=3, batch_si
                      eval_examples=4, final_eval_examples=4, grip_fit_examples=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny model: intra-op threads only add sync overhead (over 10x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def base():
     return load_model("demo")
