@@ -12,9 +12,9 @@ shutil.which("chromium"), args --no-sandbox --disable-gpu --disable-background-n
     health_s            the server answers /_stcore/health
     default_page_s      the default page finished its script run (stApp idle)
     first_heatmap_s     the first plotly heatmap is visible (.js-plotly-plot / [data-testid='stPlotlyChart']
-                        with a heatmap layer). The default page (Model) has no plotly chart at the time of
-                        writing: the figure is then taken on the Routing explorer page, reached with one click
-                        from the default page, and `first_heatmap_page` says so.
+                        with a heatmap layer). The default page (Model) shows the expert-load heatmap; were it
+                        missing, the figure is taken on the Routing explorer page, one click away, and
+                        `first_heatmap_page` says which.
 The server gets GRIP_STUDIO_MODEL / GRIP_STUDIO_WORLD_DIR when the benchmark model is not the built demo,
 and a private GRIP_STUDIO_RUNS_DIR. `--skip-app` skips this part.
 
@@ -147,7 +147,7 @@ def bench_app(model_spec: str, world_root: str | None, timeout_s: float = 180.0)
                     page.locator(HEATMAP).first.wait_for(state="visible", timeout=ms_left())
                     out["first_heatmap_page"] = "default (Model)"
                 else:
-                    out["first_heatmap_page"] = "Routing explorer (no plotly chart on the default Model page; one click)"
+                    out["first_heatmap_page"] = "Routing explorer (NO plotly chart on the default Model page; one click)"
                     page.get_by_role("link", name="Routing explorer").click()
                     page.locator(PLOT).first.wait_for(state="visible", timeout=ms_left())
                     out["first_plot_s"] = time.perf_counter() - t0

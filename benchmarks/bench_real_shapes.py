@@ -30,6 +30,15 @@ What is fitted, what is extrapolated.
     the real adapter (`GRIP(...).after_step`, update mode, α-scaling) projects random router updates.
     All layers = × L (layers are independent in after_step).
 
+What we store, and why (target: OLMoE state ≤ 2 GB). The state is dominated by U_j (E·d·r̄·L values)
+and the margin rows (M·d·L). U_j is orthonormal, so float16 storage (`GRIPConfig(basis_dtype="float16")`)
+costs only a 2^-11 relative rounding, halves the dominant term, and projections still run in float32;
+the JSON gives the retained-span leak that rounding causes (`step.retained_leak_*`). Storing the
+complement (null-space basis) would only pay when r̄ > d/2, which these inputs (and real activations of
+small numerical rank) do not reach. The fit streams the retain set once per layer
+(`fit_layers_per_pass=1`): one layer's Grams (E·d²·8 bytes, 2.1 GB for OLMoE) live at a time instead
+of all L (34 GB), at the cost of L forward passes; the eigendecompositions run one expert at a time.
+
     python benchmarks/bench_real_shapes.py [--quick] [--shapes olmoe,qwen3] [--full-experts]
 """
 from __future__ import annotations
@@ -129,9 +138,10 @@ def _token_batches(n: int, rows: int = 64):
     return [{"input_ids": ids[i:i + 16], "attention_mask": torch.ones_like(ids[i:i + 16])} for i in range(0, rows, 16)]
 
 
-def state_bytes_per_layer(d: int, E: int, k: int, ranks_mean: float, M: int, probe: int) -> dict:
-    """GRIPState bytes of one layer with mean rank r̄ (fit.py's layout: float32 U_j, float64 spectrum)."""
-    b = {"bases": 4 * E * d * ranks_mean, "spectrum": 8 * E * d, "margin_rows": 4 * M * d,
+def state_bytes_per_layer(d: int, E: int, k: int, ranks_mean: float, M: int, probe: int,
+                          basis_bytes: int = 2) -> dict:
+    """GRIPState bytes of one layer with mean rank r̄ (fit.py's layout: U_j in basis_dtype, float64 spectrum)."""
+    b = {"bases": basis_bytes * E * d * ranks_mean, "spectrum": 8 * E * d, "margin_rows": 4 * M * d,
          "margin_logits_selected": M * (4 * E + 8 * k), "theta0": 4 * E * d, "probe_scores": probe * (4 * E + 8 * k)}
     b["total"] = sum(b.values())
     return b
@@ -140,13 +150,14 @@ def state_bytes_per_layer(d: int, E: int, k: int, ranks_mean: float, M: int, pro
 def _alternatives(ranks, rel, d: int, E: int, k: int, M: int, probe: int, L: int) -> dict:
     """State (GB, all layers) if U_j were stored differently; ranks are the fitted experts' (cycled over E)."""
     def total(r_eff_mean: float, basis_bytes: int = 4, row_bytes: int = 4) -> float:
-        b = state_bytes_per_layer(d, E, k, r_eff_mean, M, probe)
+        b = state_bytes_per_layer(d, E, k, r_eff_mean, M, probe, basis_bytes)
         b["bases"] = basis_bytes * E * d * r_eff_mean
         b["margin_rows"] = row_bytes * M * d
         return (sum(v for key, v in b.items() if key != "total")) * L / GB
     ra, rr = ranks.float(), rel.float()
     comp = lambda r: float(torch_min(r, d - r).mean())
-    return {"fp32_U (current)": total(float(ra.mean())),
+    return {"fp32_U": total(float(ra.mean())),
+            "fp16_U (chosen)": total(float(ra.mean()), 2),
             "fp16_U_and_margin_rows": total(float(ra.mean()), 2, 2),
             "min(U, null-space basis) fp32": total(comp(ra)),
             "min(U, null-space basis) fp16": total(comp(ra), 2, 2),
@@ -169,7 +180,9 @@ def _time_steps(shape: dict, fit_state, reps: int, seed: int, max_step_gb: float
 
     d, E, k = shape["d"], shape["E"], shape["k"]
     st = fit_state.layers[0]
-    bases = [st.basis[j % len(st.basis)] for j in range(E)]                  # shared tensors: no copies
+    leak = _retained_leak(st.basis, seed)
+    fp16 = [b.half() for b in st.basis]                                      # as basis_dtype="float16" stores U_j
+    bases = [fp16[j % len(fp16)] for j in range(E)]                          # shared tensors: no copies
     r_max = max(b.shape[1] for b in bases)
     E_time = E
     if 4 * E * d * r_max > max_step_gb * GB:                                 # the adapter pads U to r_max
@@ -203,6 +216,7 @@ def _time_steps(shape: dict, fit_state, reps: int, seed: int, max_step_gb: float
     h = grip.history[1:]
     scale = E / E_time
     out = {"experts_timed": E_time, "scaled_by": scale, "margin_rows": X.shape[0], "r_max": r_max,
+           "basis_dtype_timed": str(bases[0].dtype), **leak,
            "projector_padded_U_mb": 4 * E * d * r_max / 2**20,
            "project_ms_layer": scale * C.median([x.t_project_ms for x in h]),
            "margin_ms_layer": scale * C.median([x.t_margin_ms for x in h]),
@@ -213,6 +227,28 @@ def _time_steps(shape: dict, fit_state, reps: int, seed: int, max_step_gb: float
     # the equality projection's floor: E·d·r̄ multiply-adds, twice (Uᵀu then U·c), per layer
     out["projection_floor_mflop_layer"] = 2 * 2 * E * d * float(sum(b.shape[1] for b in bases) / E) / 1e6
     del grip, moe
+    return out
+
+
+def _retained_leak(basis32: list, seed: int, reps: int = 8) -> dict:
+    """Share of a random update's retained-span component that survives the projection, float32 vs
+    float16-stored U_j (median over experts x reps): ‖U32ᵀ(u − Ũ Ũᵀu)‖ / ‖U32ᵀu‖, Ũ = U upcast."""
+    import torch
+
+    from grip_core.grip.project import project_equality
+
+    g = torch.Generator().manual_seed(seed + 7)
+    out = {}
+    for name, dt in (("float32", torch.float32), ("float16", torch.float16)):
+        vals = []
+        for U in basis32:
+            if U.shape[1] == 0:
+                continue
+            Ut = U.to(dt).float()[None]                                          # (1, d, r) as the adapter pads it
+            for _ in range(reps):
+                u = torch.randn(1, U.shape[0], generator=g)
+                vals.append(float((U.T @ project_equality(Ut, u)[0]).norm() / (U.T @ u[0]).norm()))
+        out[f"retained_leak_{name}"] = C.median(vals) if vals else 0.0
     return out
 
 
@@ -232,7 +268,7 @@ def run_shape(key: str, quick: bool, fit_experts: int | None, full_experts: bool
     n_layers = layers or (1 if quick else 2)
     banks = [synthetic_inputs(n_tokens, d, r_sig, noise, seed + 17 * i) for i in range(n_layers)]
     moe = build_standin(shape["model_type"], d, E_fit, k_fit, banks, seed=seed)
-    config = GRIPConfig()
+    config = GRIPConfig(fit_layers_per_pass=1)                               # float32 U_j: the leak baseline
     batches = _token_batches(n_tokens)
     with C.RSSPeak() as mem:
         t0 = time.perf_counter()
@@ -245,7 +281,7 @@ def run_shape(key: str, quick: bool, fit_experts: int | None, full_experts: bool
     M = st.layers[0].margin_x.shape[0]
     M_real = config.max_margin_rows                                          # a real retain set fills the cap
     probe = config.probe_tokens
-    per_layer = state_bytes_per_layer(d, E, k, r_abs, M_real, probe)
+    per_layer = state_bytes_per_layer(d, E, k, r_abs, M_real, probe)             # float16 U_j (chosen)
     per_layer_rel = state_bytes_per_layer(d, E, k, r_rel, M_real, probe)
     per_layer_full = state_bytes_per_layer(d, E, k, float(d), M_real, probe)
     fit_s_per_expert_layer = fit_s / (E_fit * n_layers)
@@ -258,7 +294,7 @@ def run_shape(key: str, quick: bool, fit_experts: int | None, full_experts: bool
                                 "accumulator_bytes_measured": st.accumulator_bytes},
         "ranks": {"absolute_eps_1e-2_mean": r_abs, "relative_99.9_mean": r_rel,
                   "absolute_per_expert": ranks.tolist(), "relative_per_expert": rel.tolist(), "d": d,
-                  "basis_dtype": str(st.layers[0].basis[0].dtype), "spectrum_dtype": str(st.layers[0].spectrum.dtype)},
+                  "basis_dtype": "float16 (stored; fitted in float32 as the leak baseline)", "spectrum_dtype": str(st.layers[0].spectrum.dtype)},
         "extrapolated": {
             "fit_s_layer": fit_s_per_expert_layer * E, "fit_s_all_layers": fit_s_per_expert_layer * E * L,
             "state_gb_per_layer": per_layer["total"] / GB, "state_gb_total": per_layer["total"] * L / GB,
@@ -267,7 +303,9 @@ def run_shape(key: str, quick: bool, fit_experts: int | None, full_experts: bool
             "state_gb_total_full_rank_worst_case": per_layer_full["total"] * L / GB,
             "naive_dxd_per_expert_gb": 4 * E * d * d * L / GB,
             "fit_gram_accumulators_gb_all_layers_at_once": 8 * E * d * d * L / GB,
-            "fit_peak_gb_one_layer_estimate": 3 * 8 * E * d * d / GB,
+            "fit_gram_accumulators_gb_layer_at_a_time": 8 * E * d * d / GB,
+            "fit_peak_gb_layer_at_a_time_estimate": (8 * E * d * d + 2 * 8 * d * d) / GB,
+            "fit_rss_mb_per_fitted_expert": mem.delta_bytes / 2**20 / E_fit,
             # the same fit under other storage layouts (analytic, from the measured per-expert ranks)
             "alternatives_gb_total": _alternatives(ranks, rel, d, E, k, M_real, probe, L)},
         "state_breakdown_bytes_per_layer": per_layer,
@@ -308,7 +346,8 @@ def run(quick: bool = False, shapes: list[str] | None = None, fit_experts: int |
         summary["olmoe_state_within_2gb"] = results["olmoe"]["extrapolated"]["state_gb_total"] <= 2.0
     payload = {"quick": quick, "machine": C.machine_info(),
                "config": {"shapes": shapes, "noise": noise, "r_sig": r_sig, "spectrum": "s_i ∝ (i+1)^-0.5",
-                          "router_init_std": 0.02, "grip": {"threshold_kind": "absolute", "eps_null": 1e-2,
+                          "router_init_std": 0.02, "grip": {"threshold_kind": "absolute", "eps_null": 1e-2, "basis_dtype": "float16",
+                                                            "fit_layers_per_pass": 1,
                                                             "max_margin_rows": 4096, "probe_tokens": 4096},
                           "target_state_gb_olmoe": 2.0, "d_override": d_override},
                "results": results, "summary": summary}
@@ -320,8 +359,10 @@ def run(quick: bool = False, shapes: list[str] | None = None, fit_experts: int |
         f = r["fit"]
         print(f"  {r['shape']['label']}: fitted {f['experts_fitted']} experts x {f['layers_fitted']} layer(s), "
               f"{f['tokens_per_expert']:.0f} tokens/expert in {f['fit_s']:.1f} s (RSS +{f['rss_peak_mb']:.0f} MB); "
-              f"U_j stored as {r['ranks']['basis_dtype']} d x r_j, spectrum {r['ranks']['spectrum_dtype']}; "
-              f"fit.py keeps ALL layers' Grams at once: {r['extrapolated']['fit_gram_accumulators_gb_all_layers_at_once']:.0f} GB")
+              f"fitted one layer per pass: Grams {r['extrapolated']['fit_gram_accumulators_gb_layer_at_a_time']:.1f} GB at a time "
+              f"at full E (all layers at once would be {r['extrapolated']['fit_gram_accumulators_gb_all_layers_at_once']:.0f} GB); "
+              f"U_j stored float16: retained-span leak {r['step']['retained_leak_float16']:.1e} "
+              f"(float32 {r['step']['retained_leak_float32']:.1e})")
     for key, r in results.items():
         alts = ", ".join(f"{k_}: {v:.2f}" for k_, v in r["extrapolated"]["alternatives_gb_total"].items())
         print(f"  {r['shape']['label']} state under other layouts (GB, all layers): {alts}")

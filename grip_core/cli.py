@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="shortcut", help="learning-rate / scope preset (see grip_core.runs.presets)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--out", default="compare", help="output stem: writes OUT.csv and OUT.json")
+    p.add_argument("--workers", type=int, default=0,
+                   help="parallel processes, one torch thread each (0: one per core; 1: in this process)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="steps between stability / EM checks logged per run (0: only the final evaluation)")
+    p.add_argument("--final-eval-examples", type=int, default=120,
+                   help="examples per split in the final probes (the study uses 200; 0 = all)")
 
     p = sub.add_parser("run", help="one unlearning job from a JSON RunConfig (or flags)")
     _add_common(p)

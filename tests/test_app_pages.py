@@ -102,6 +102,11 @@ def test_model_page_describes_the_model_and_data(studio):
     assert info["family"] in text and f"{info['num_parameters'] / 1e6:.2f} M" in text
     sizes = [df.value for df in at.dataframe if "examples" in df.value.columns]
     assert sizes and set(sizes[0]["split"]) >= {"forget", "retain", "holdout"}
+    # the landing page already shows the routing explorer's default heatmap (same numbers)
+    glance = decode(figure(at, "Expert load per layer — retain split")["data"][0]["z"])
+    routing = decode(figure(app("routing"), "Expert load per layer — retain")["data"][0]["z"])
+    assert glance.shape == (len(moe.layers), moe.layers[0].num_experts)
+    np.testing.assert_array_equal(glance, routing)
 
     at.radio(key="data_kind").set_value(at.radio(key="data_kind").options[1]).run()
     assert_clean(at)

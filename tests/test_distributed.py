@@ -44,9 +44,10 @@ def _batches(seqs, idx, size):
     return [{k: v[idx[i:i + size]] for k, v in seqs.items()} for i in range(0, len(idx), size)]
 
 
-def _fit_config():
+def _fit_config(layers_per_pass: int = 0):
     from grip_core.grip import GRIPConfig
-    return GRIPConfig(max_margin_rows=40, probe_tokens=50)   # small caps: the merges really cut
+    return GRIPConfig(max_margin_rows=40, probe_tokens=50,   # small caps: the merges really cut
+                      fit_layers_per_pass=layers_per_pass)
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -62,7 +63,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     moe = MoEModel(build_tiny_model("olmoe", seed=0))
     seqs = _sequences()
     mine = list(ctx.shard(list(range(seqs["input_ids"].shape[0]))))
-    state = fit_retain_statistics(moe, _batches(seqs, mine, 3), _fit_config(), reduce=ctx.fit_reducer())
+    # one layer per pass: the reducer runs once per pass (the one-process fit below takes one pass)
+    state = fit_retain_statistics(moe, _batches(seqs, mine, 3), _fit_config(layers_per_pass=1),
+                                  reduce=ctx.fit_reducer())
 
     a = torch.nn.Parameter(torch.zeros(3))
     b = torch.nn.Parameter(torch.zeros(2))

@@ -125,25 +125,27 @@ def test_main_path(server, e2e_settings):
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
 
-            # 1 — cold start straight into the routing explorer: the demo loads, the load heatmap is drawn
-            page.goto(server["url"] + "/routing")
+            # 1 — cold start on the default page (Model): the demo's architecture and, at once, its expert-load heatmap
+            page.goto(server["url"])
             heat = page.locator(".stPlotlyChart").first
             expect(heat.locator(".heatmaplayer, .hm").first).to_be_attached(timeout=120_000)
             expect(heat).to_be_visible()
             timings["first_heatmap_s"] = time.time() - server["t0"]
             expect(page.get_by_text("Expert load per layer").first).to_be_visible()
             _wait_idle(page)
-            assert page.locator("[data-testid='stException']").count() == 0
-            _shot(page, "2-routing")
-            timings["routing_done_s"] = time.time() - server["t0"]
-
-            # 2 — the model page describes the demo's architecture and data
-            page.get_by_role("link", name="Model").click()
-            _wait_idle(page)
             expect(page.get_by_text("MoE layers").first).to_be_visible()
             expect(page.locator("[data-testid='stDataFrame']:visible").first).to_be_visible()
             assert page.locator("[data-testid='stException']").count() == 0
             _shot(page, "1-model")
+
+            # 2 — the routing explorer: load heatmap, experts per domain, a prompt token by token
+            page.get_by_role("link", name="Routing explorer").click()
+            _wait_idle(page)
+            expect(page.get_by_text("Experts per domain").first).to_be_visible()
+            assert page.locator(".stPlotlyChart .heatmaplayer, .stPlotlyChart .hm").count() >= 2
+            assert page.locator("[data-testid='stException']").count() == 0
+            _shot(page, "2-routing")
+            timings["routing_done_s"] = time.time() - server["t0"]
 
             # 3 — embeddings (PCA at once)
             page.get_by_role("link", name="Embeddings").click()

@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from app.lib import state, ui
+from grip_core import viz
 
 ui.page_header("Model", "Which MoE, which routers, which data. Everything else in GRIP Studio uses what you pick here.")
 
@@ -70,6 +71,21 @@ with right:
                             "shared experts": l["shared_experts"] or ""} for l in layers])
         with st.expander("MoE layers", expanded=False):
             ui.table(df, "arch_table", "moe-layers")
+
+# ----------------------------------------------------------------------------- routing at a glance
+# The landing page shows the base model's routing at once (the Routing explorer's default view,
+# from the same cache): a speaker opens the app and the expert-load heatmap is already there.
+with st.container(key="glance"):
+    with ui.guard("Could not trace the model"):
+        glance_key = state.data_key()
+        glance_splits = state.splits_for(glance_key)
+        if "retain" in glance_splits:
+            n = min(64, len(glance_splits["retain"]))
+            with st.spinner(f"Tracing {n} retain examples …"):
+                glance = state.split_routing(source, glance_key, "retain", n, False)
+            ui.figure(viz.load_heatmap(glance, title=f"Expert load per layer — retain split, {n} examples "
+                                                     "(more on the Routing explorer page)"),
+                      key="model_glance", file_name="expert-load-retain")
 
 st.divider()
 

@@ -51,7 +51,8 @@ class GRIPStepStats:
     mode: str
     update_norm: list[float]      # ‖ΔΘ‖ of the optimizer's raw step
     removed: list[float]          # ‖ΔΘ − P(ΔΘ)‖/‖ΔΘ‖: share GRIP removed (off: would remove; gradient: of .grad)
-    leak: list[float]             # ‖Δ_applied − P_eq Δ_applied‖/‖Δ_applied‖: applied update outside null spaces
+    leak: list[float]             # ‖Δ_applied − P_eq Δ_applied‖/‖ΔΘ‖: applied update outside the null spaces,
+                                  # as a share of the RAW step (so a step GRIP shrank to ~0 reads ~0, not noise)
     alpha_min: list[float]        # margin scaling per layer (min / mean over experts; 1 = untouched)
     alpha_mean: list[float]
     kaczmarz_iters: list[int]
@@ -200,7 +201,7 @@ class GRIP:
             applied = u if mode == "update" else delta
             norms.append(float(delta.norm()))
             removed.append(self._grad_stats[0][pos] if mode == "gradient" else _ratio(delta - u, delta))
-            leak.append(_ratio(applied - project_equality(P.U, applied), applied))
+            leak.append(_ratio(applied - project_equality(P.U, applied), delta))
             amin.append(float(alpha.min()))
             amean.append(float(alpha.mean()))
             iters.append(it)

@@ -14,6 +14,7 @@ from typing import Literal, get_args
 Mode = Literal["update", "gradient", "off"]
 ThresholdKind = Literal["absolute", "relative"]
 MarginMethod = Literal["scale", "kaczmarz"]
+BasisDtype = Literal["float32", "float16"]
 RidgeForm = Literal["delta", "paper"]
 
 
@@ -47,6 +48,11 @@ class GRIPConfig:
     probe_tokens
         retained tokens (whole batches, in order) whose batches and original scores are stored
         for the ridge correction and the drift-aware mode.
+    basis_dtype / fit_layers_per_pass (memory at real-model size, benchmarks/bench_real_shapes.py)
+        basis_dtype: how U_j is STORED ("float16" halves the state; bases are orthonormal, so
+        |entries| <= 1 and float16's 2^-11 relative rounding is the only cost; projections still
+        run in float32). fit_layers_per_pass: 0 = every layer's Grams in one pass (L·E·d'²·8
+        bytes); n > 0 = n layers per pass over the retain batches (n·E·d'²·8 bytes, L/n passes).
     drift_every
         0 = off. Every N steps: re-capture the probe's router inputs from the CURRENT model,
         ridge-steer the routers toward the ORIGINAL scores on them, refit the constraints on the
@@ -68,6 +74,8 @@ class GRIPConfig:
     kaczmarz_iters: int = 100
     max_margin_rows: int = 4096
     probe_tokens: int = 4096
+    basis_dtype: BasisDtype = "float32"
+    fit_layers_per_pass: int = 0
     drift_every: int = 0
     ridge_lambda: float = 1e-6
     ridge_form: RidgeForm = "delta"
@@ -76,7 +84,7 @@ class GRIPConfig:
 
     def __post_init__(self):
         for name, kind in (("mode", Mode), ("threshold_kind", ThresholdKind), ("margin_method", MarginMethod),
-                           ("ridge_form", RidgeForm)):
+                           ("ridge_form", RidgeForm), ("basis_dtype", BasisDtype)):
             if getattr(self, name) not in get_args(kind):
                 raise ValueError(f"{name} must be one of {get_args(kind)}, got {getattr(self, name)!r}")
         if self.eps_null < 0:
@@ -85,7 +93,7 @@ class GRIPConfig:
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
         if self.margin_eps < 0:
             raise ValueError(f"margin_eps must be >= 0, got {self.margin_eps}")
-        for name in ("kaczmarz_iters", "max_margin_rows", "probe_tokens", "drift_every"):
+        for name in ("kaczmarz_iters", "max_margin_rows", "probe_tokens", "drift_every", "fit_layers_per_pass"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.ridge_lambda < 0:

@@ -16,8 +16,11 @@ Footguns:
   if a load balancer later moves them, refit.
 - Softmax + selection bias (ERNIE-4.5): choice = softmax(l) + b couples all experts, so the
   margins (taken on the logits) are approximate; a warning says so when the bias is nonzero.
-- Memory: L·E·d'²·8 bytes while fitting (d 4096, E 64: 8.6 GB per layer). GRIP as specified
-  is per-expert d x d; for large models fit on a GPU or a subset of layers.
+- Memory: L·E·d'²·8 bytes of Grams while fitting in one pass (OLMoE-1B-7B: 34 GB). With
+  `fit_layers_per_pass=n` the batches are streamed ceil(L/n) times and only n layers' Grams
+  live at once (OLMoE, n=1: 2.1 GB); the batches must then be re-iterable (a generator is
+  materialised into a list). Every pass draws the same reservoir keys, so the margin rows are
+  the same tokens in every layer, as in one pass. `basis_dtype="float16"` halves the stored U_j.
 - Several processes (`reduce=`, see `FitAccumulators`): each process streams its own shard of
   the retain set; the hook sums Grams / counts and merges the samples across processes before
   the eigendecomposition (grip_core/runs/distributed.py, docs/distributed.md).
@@ -144,11 +147,20 @@ def router_matrix(layer, with_bias: bool | None = None) -> torch.Tensor:
 
 
 def eig_basis(gram: torch.Tensor, config: GRIPConfig) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """gram (E, d', d') float64 -> (E x U_j (d', r_j) float32, σ² (E, d') descending)."""
-    evals, evecs = torch.linalg.eigh(gram)                                   # ascending
-    evals, evecs = evals.flip(-1), evecs.flip(-1)
-    ranks = threshold_ranks(evals, config.threshold_kind, config.eps_null, config.energy)
-    return [evecs[j, :, :int(r)].float().contiguous() for j, r in enumerate(ranks)], evals
+    """gram (E, d', d') float64 -> (E x U_j (d', r_j) in config.basis_dtype, σ² (E, d') descending).
+
+    One expert at a time: the peak on top of the Grams is ONE d' x d' eigenvector matrix, not E.
+    """
+    dtype = getattr(torch, config.basis_dtype)
+    basis, spectrum = [], []
+    for j in range(gram.shape[0]):
+        evals, evecs = torch.linalg.eigh(gram[j])                            # ascending
+        evals, evecs = evals.flip(-1), evecs.flip(-1)
+        r = int(threshold_ranks(evals, config.threshold_kind, config.eps_null, config.energy))
+        basis.append(evecs[:, :r].to(dtype).contiguous())
+        spectrum.append(evals)
+        del evecs
+    return basis, torch.stack(spectrum)
 
 
 def accumulate_gram(gram: torch.Tensor, x: torch.Tensor, chosen: torch.Tensor) -> None:
@@ -197,8 +209,9 @@ class _Reservoir:
 class FitAccumulators:
     """[distributed hook] What one process accumulated in its pass, before the eigendecomposition.
 
-    `fit_retain_statistics(..., reduce=f)` calls `f(acc)` ONCE after the pass and continues with
-    the FitAccumulators it returns. Sums (grams, counts, agree, num_tokens) must come back summed
+    `fit_retain_statistics(..., reduce=f)` calls `f(acc)` once after EACH pass (one pass unless
+    `fit_layers_per_pass`) and continues with the FitAccumulators it returns; the lists hold the
+    pass's layers only, and the probe is filled in the first pass only (empty lists after). Sums (grams, counts, agree, num_tokens) must come back summed
     over processes; the samples (reservoir, probe) merged so that every process holds the same.
     Per layer: grams (E, d', d') float64, counts (E,) long; agree (L, 2) long [rule agrees, rows];
     reservoir_keys (m,), reservoir_parts per layer [x (m, d'), logits (m, E), selected (m, k)] or None
@@ -219,72 +232,93 @@ class FitAccumulators:
     probe_tokens: int
 
 
-def fit_retain_statistics(moe, retain_batches: Iterable[dict], config: GRIPConfig | None = None,
-                          reduce=None) -> GRIPState:
-    """One streaming pass over `retain_batches` (HF-style dicts) -> GRIPState. See module doc.
-
-    reduce: None (one process) or a callable FitAccumulators -> FitAccumulators applied once after
-    the pass (e.g. grip_core.runs.distributed.FitReducer: all-reduce across processes); its
-    optional int attribute `rank` decorrelates the margin-row sample between processes.
-    """
-    config = config or GRIPConfig()
-    if isinstance(retain_batches, dict):                                     # one batch, not its keys
-        retain_batches = [retain_batches]
-    t0 = time.perf_counter()
+def _stream_pass(moe, batches: Iterable[dict], positions: list[int], has_bias: list[bool], rules: list,
+                 config: GRIPConfig, stream: int, with_probe: bool) -> FitAccumulators:
+    """One pass over the batches, accumulating Grams / counts / margin rows for `positions` only."""
     layers = moe.layers
-    has_bias = [l.router_bias is not None for l in layers]
-    grams = [torch.zeros(l.num_experts, l.hidden_size + hb, l.hidden_size + hb, dtype=torch.float64)
-             for l, hb in zip(layers, has_bias)]
-    counts = [torch.zeros(l.num_experts, dtype=torch.long) for l in layers]
-    rules = [selection_rule(l) for l in layers]
-    agree = [[0, 0] for _ in layers]
-    reservoir = _Reservoir(config.max_margin_rows, len(layers), config.seed, int(getattr(reduce, "rank", 0)))
+    grams = [torch.zeros(layers[p].num_experts, layers[p].hidden_size + has_bias[p],
+                         layers[p].hidden_size + has_bias[p], dtype=torch.float64) for p in positions]
+    counts = [torch.zeros(layers[p].num_experts, dtype=torch.long) for p in positions]
+    agree = [[0, 0] for _ in positions]
+    reservoir = _Reservoir(config.max_margin_rows, len(positions), config.seed, stream)
     probe_batches: list[dict] = []
-    probe_logits: list[list[torch.Tensor]] = [[] for _ in layers]
-    probe_selected: list[list[torch.Tensor]] = [[] for _ in layers]
+    probe_logits: list[list[torch.Tensor]] = [[] for _ in layers] if with_probe else []
+    probe_selected: list[list[torch.Tensor]] = [[] for _ in layers] if with_probe else []
     num_tokens = 0
-    for batch in retain_batches:
+    for batch in batches:
         tr = moe.trace(batch, keep_inputs=True)
         n = tr.num_tokens
         if n == 0:
             continue
         per_layer = []
-        for pos, layer in enumerate(layers):
+        for i, pos in enumerate(positions):
             x = augment(tr.inputs[pos], has_bias[pos])                       # (n, d')
             chosen = tr.selection_mask(pos)                                  # (n, E)
-            accumulate_gram(grams[pos], x.double(), chosen)
-            counts[pos] += chosen.sum(0)
-            agree[pos][0] += int((rule_selection(tr.logits[pos], rules[pos], layer.top_k) == chosen).all(1).sum())
-            agree[pos][1] += n
+            accumulate_gram(grams[i], x.double(), chosen)
+            counts[i] += chosen.sum(0)
+            agree[i][0] += int((rule_selection(tr.logits[pos], rules[pos], layers[pos].top_k) == chosen).all(1).sum())
+            agree[i][1] += n
             per_layer.append([x.float(), tr.logits[pos], tr.selected[pos]])
         reservoir.add(n, per_layer)
-        if num_tokens < config.probe_tokens:
+        if with_probe and num_tokens < config.probe_tokens:
             probe_batches.append({k: batch[k].detach().cpu().clone() for k in ("input_ids", "attention_mask")
                                   if k in batch})
             for pos in range(len(layers)):
                 probe_logits[pos].append(tr.logits[pos])
                 probe_selected[pos].append(tr.selected[pos])
         num_tokens += n
-    if reduce is not None:                                                   # ---- [distributed hook] ----
-        acc = reduce(FitAccumulators(grams, counts, torch.tensor(agree, dtype=torch.long), num_tokens,
-                                     reservoir.keys, reservoir.parts, probe_batches, probe_logits,
-                                     probe_selected, config.max_margin_rows, config.probe_tokens))
-        grams, counts, agree, num_tokens = acc.grams, acc.counts, acc.agree.tolist(), int(acc.num_tokens)
-        reservoir.keys, reservoir.parts = acc.reservoir_keys, acc.reservoir_parts
-        probe_batches, probe_logits, probe_selected = acc.probe_batches, acc.probe_logits, acc.probe_selected
-    if num_tokens == 0:
-        raise ValueError("GRIP.fit: the retain batches hold no real (non-pad) tokens")
-    stats = []
-    for pos, layer in enumerate(layers):
-        basis, spectrum, bw, sw = bases_from_inputs(grams[pos], has_bias[pos], config)
-        x, lg, sel = reservoir.parts[pos]
-        agreement = agree[pos][0] / max(agree[pos][1], 1)
-        if agreement < 1.0:
-            warnings.warn(f"GRIP.fit: layer {layer.index}: the selection rule reproduces only {agreement:.1%} of "
-                          "the router's choices; margins may be approximate", stacklevel=2)
-        stats.append(LayerStats(layer.index, layer.num_experts, layer.top_k, layer.hidden_size, has_bias[pos],
-                                basis, spectrum, bw, sw, counts[pos], x, lg, sel,
-                                router_matrix(layer).cpu(), rules[pos], agreement))
+    return FitAccumulators(grams, counts, torch.tensor(agree, dtype=torch.long).reshape(-1, 2), num_tokens,
+                           reservoir.keys, reservoir.parts, probe_batches, probe_logits, probe_selected,
+                           config.max_margin_rows, config.probe_tokens)
+
+
+def fit_retain_statistics(moe, retain_batches: Iterable[dict], config: GRIPConfig | None = None,
+                          reduce=None) -> GRIPState:
+    """Streaming pass(es) over `retain_batches` (HF-style dicts) -> GRIPState. See module doc.
+
+    reduce: None (one process) or a callable FitAccumulators -> FitAccumulators applied after each
+    pass (e.g. grip_core.runs.distributed.FitReducer: all-reduce across processes); its optional
+    int attribute `rank` decorrelates the margin-row sample between processes.
+    """
+    config = config or GRIPConfig()
+    if isinstance(retain_batches, dict):                                     # one batch, not its keys
+        retain_batches = [retain_batches]
+    t0 = time.perf_counter()
+    layers = moe.layers
+    L = len(layers)
+    per_pass = config.fit_layers_per_pass or L
+    if per_pass < L and not isinstance(retain_batches, (list, tuple)):
+        retain_batches = list(retain_batches)                                # several passes: re-iterable
+    has_bias = [l.router_bias is not None for l in layers]
+    rules = [selection_rule(l) for l in layers]
+    stream = int(getattr(reduce, "rank", 0))
+    stats: list[LayerStats] = []
+    probe = None
+    accumulator_bytes = 0
+    for first in range(0, L, per_pass):
+        positions = list(range(first, min(first + per_pass, L)))
+        acc = _stream_pass(moe, retain_batches, positions, has_bias, rules, config, stream, with_probe=first == 0)
+        if reduce is not None:                                               # ---- [distributed hook] ----
+            acc = reduce(acc)
+        if acc.num_tokens == 0:
+            raise ValueError("GRIP.fit: the retain batches hold no real (non-pad) tokens")
+        if first == 0:
+            probe = (acc.probe_batches, acc.probe_logits, acc.probe_selected, int(acc.num_tokens))
+        accumulator_bytes = max(accumulator_bytes, sum(g.numel() * g.element_size() for g in acc.grams))
+        for i, pos in enumerate(positions):
+            layer = layers[pos]
+            basis, spectrum, bw, sw = bases_from_inputs(acc.grams[i], has_bias[pos], config)
+            acc.grams[i] = None                                              # free this layer's Gram now
+            x, lg, sel = acc.reservoir_parts[i]
+            agreement = int(acc.agree[i][0]) / max(int(acc.agree[i][1]), 1)
+            if agreement < 1.0:
+                warnings.warn(f"GRIP.fit: layer {layer.index}: the selection rule reproduces only {agreement:.1%} "
+                              "of the router's choices; margins may be approximate", stacklevel=2)
+            stats.append(LayerStats(layer.index, layer.num_experts, layer.top_k, layer.hidden_size, has_bias[pos],
+                                    basis, spectrum, bw, sw, acc.counts[i], x, lg, sel,
+                                    router_matrix(layer).cpu(), rules[pos], agreement))
+        del acc
+    probe_batches, probe_logits, probe_selected, num_tokens = probe
     return GRIPState(config.to_dict(), stats, probe_batches, [torch.cat(p) for p in probe_logits],
                      [torch.cat(s) for s in probe_selected], num_tokens, time.perf_counter() - t0,
-                     sum(g.numel() * g.element_size() for g in grams))
+                     accumulator_bytes)

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from ..moe import load_model
-from .compare import TABLE_COLUMNS, compare, format_table, make_config
+from .compare import TABLE_COLUMNS, compare, compare_in_processes, format_table, make_config
 from .data import UnlearningData
 from .store import atomic_write_json, atomic_write_text
 
@@ -43,8 +44,13 @@ def cmd_compare(args) -> int:
     def on_row(row):
         bar.update(1)
         bar.set_postfix_str(f"{row['method']}/{row['grip']}: {row['status']}")
-    rows = compare(moe, data, methods, modes, preset=args.preset, seed=args.seed, steps=args.steps or 60,
-                   runs_dir=args.runs_dir, on_row=on_row, eval_every=20, final_eval_examples=200)
+    workers = min(args.workers or os.cpu_count() or 1, len(methods) * len(modes))
+    common = dict(preset=args.preset, seed=args.seed, steps=args.steps or 60, runs_dir=args.runs_dir, on_row=on_row,
+                  eval_every=args.eval_every, final_eval_examples=args.final_eval_examples)
+    if workers > 1:     # the model loaded above already failed early on a bad path / non-MoE model
+        rows = compare_in_processes(moe, args.model, data, methods, modes, workers, **common)
+    else:
+        rows = compare(moe, data, methods, modes, **common)
     bar.close()
     print(format_table(rows))
     _write_table(args.out, rows)

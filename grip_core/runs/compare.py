@@ -67,6 +67,56 @@ def compare(moe: MoEModel, data: UnlearningData, methods: list[str], grip_modes:
     return rows
 
 
+def compare_in_processes(moe: MoEModel, model: str, data: UnlearningData, methods: list[str],
+                         grip_modes: list[str], workers: int, preset: str = "shortcut", seed: int = 0,
+                         steps: int = 60, runs_dir=None, on_row: Callable[[dict], None] | None = None,
+                         **config_overrides) -> list[dict]:
+    """compare() with the runs spread over `workers` spawned processes, one torch thread each.
+
+    `moe` is `model` (a grip_core.moe.load_model source) loaded here: the Baseline is measured on
+    it once, while the workers start and load their own copy, and sent to every run; rows come
+    back in compare()'s order.
+    Footgun: one thread per process instead of torch's default can change float sums in the last
+    bits, so a row may differ from a one-process compare() by rounding, never by more.
+    """
+    import multiprocessing as mp
+
+    configs = [(m, g, make_config(m, g, preset, seed, steps, **config_overrides)) for m in methods for g in grip_modes]
+    # the longest runs first (GRIP fits, reference-model methods), so no worker idles at the end
+    cost = lambda c: (c[1] != "off", c[0] in ("npo", "graddiff"), c[1] == "drift")
+    order = sorted(range(len(configs)), key=lambda i: cost(configs[i]), reverse=True)
+    rows: list[dict | None] = [None] * len(configs)
+    with mp.get_context("spawn").Pool(max(1, min(workers, len(configs))), _worker_init, (model,)) as pool:
+        baseline = Baseline.compute(moe, data, configs[0][2])           # meanwhile the workers load the model
+        tasks = [(data, baseline, *configs[i], runs_dir) for i in order]
+        for i, row in zip(order, pool.imap(_compare_task, tasks)):
+            rows[i] = row
+            if on_row:
+                on_row(row)
+        pool.close()        # let the workers exit cleanly (a terminate() leaks their semaphores)
+        pool.join()
+    return rows
+
+
+_WORKER_MODEL: list[MoEModel] = []
+
+
+def _worker_init(model: str) -> None:
+    import torch
+
+    from ..moe import load_model
+
+    torch.set_num_threads(1)
+    _WORKER_MODEL.append(load_model(model))
+
+
+def _compare_task(task: tuple) -> dict:
+    """One (method, mode) run in a worker process, on the model its initializer loaded."""
+    data, baseline, method, mode, config, runs_dir = task
+    result = run_unlearning(_WORKER_MODEL[0], config, data, baseline=baseline, runs_dir=runs_dir)
+    return result_row(method, mode, result)
+
+
 def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
     """A fixed-width text table (percentages for fractions)."""
     columns = columns or [c for c in TABLE_COLUMNS if c != "run_dir"]

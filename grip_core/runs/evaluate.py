@@ -105,9 +105,10 @@ def evaluate_final(work: MoEModel, base: MoEModel, baseline: Baseline, data, con
 
 
 def grip_rank_report(grip) -> dict:
-    """Null-space rank per layer x expert (d - rank(U_j)) and the mean free dimensions per layer."""
+    """Null-space rank per layer x expert (d' - rank(U_j)), the mean free dimensions per layer, and d'."""
     return {"mode": grip.config.mode, "threshold_kind": grip.config.threshold_kind,
             "eps_null": grip.config.eps_null, "energy": grip.config.energy,
+            "dim": max(st.input_dim for st in grip.state.layers),
             "null_space_rank": grip.null_space_rank.tolist(), "mean_free_dims": grip.mean_free_dims.tolist(),
             "layers": [l.index for l in grip.moe.layers]}
 

@@ -22,10 +22,12 @@ import torch
 from tqdm import tqdm
 
 from ..moe import load_model
+from ..scope import classify_parameters, scope_parameter_names
 from .compare import make_config, result_row
 from .data import UnlearningData
 from .evaluate import Baseline
 from .job import run_unlearning
+from .presets import get_preset
 from .store import atomic_write_json
 
 FORGET_TARGET = 0.10
@@ -44,6 +46,9 @@ class StudyGrid:
     seeds: tuple[int, ...]
     eval_examples: int = 64
     final_eval_examples: int = 200
+    max_steps: int = MAX_STEPS
+    lr_ladder: tuple[float, ...] = LR_LADDER
+    eval_every: int = 10                  # forget EM is checked (and a run may stop) every N steps
 
 
 FULL = StudyGrid(("domain", "entities"), ("shortcut", "full", "experts+routers"),
@@ -57,7 +62,7 @@ def _key(*parts) -> str:
 
 
 def _run_cell(moe, data, baseline, grid, scenario, regime, method, mode, seed, lr, runs_dir) -> dict:
-    config = make_config(method, mode, regime, seed, MAX_STEPS, scenario=scenario, eval_every=10,
+    config = make_config(method, mode, regime, seed, grid.max_steps, scenario=scenario, eval_every=grid.eval_every,
                          stop_at_forget_em=FORGET_TARGET, eval_examples=grid.eval_examples,
                          final_eval_examples=grid.final_eval_examples)
     config.scope = dataclasses.replace(config.scope, lr=lr)
@@ -69,43 +74,81 @@ def _run_cell(moe, data, baseline, grid, scenario, regime, method, mode, seed, l
             "steps_to_forget": reached, "seconds": time.perf_counter() - t0}
 
 
+def _setup(moe, grid: StudyGrid, scenario: str, regime: str, method: str, seed: int):
+    data = UnlearningData.from_scenario(scenario, seed=seed, retain_eval_size=grid.eval_examples)
+    baseline = Baseline.compute(moe, data, make_config(method, "off", regime, seed, grid.max_steps,
+                                                       eval_examples=grid.eval_examples,
+                                                       final_eval_examples=grid.final_eval_examples))
+    return data, baseline
+
+
+def _calibrated_lr(moe, grid: StudyGrid, scenario: str, regime: str, method: str, cells_dir: Path, runs_dir,
+                   setup: dict) -> float:
+    """The fixed rule, run once per (scenario, regime, method): vanilla unlearning on the grid's FIRST seed at
+    each rate of LR_LADDER until forget EM < FORGET_TARGET; the last vanilla run is that seed's "off" cell."""
+    lr_file = cells_dir / f"{_key(scenario, regime, method)}__lr.json"
+    if lr_file.exists():
+        return json.loads(lr_file.read_text())["lr"]
+    seed = grid.seeds[0]
+    if seed not in setup:
+        setup[seed] = _setup(moe, grid, scenario, regime, method, seed)
+    for lr in grid.lr_ladder:
+        cell = _run_cell(moe, *setup[seed], grid, scenario, regime, method, "off", seed, lr, runs_dir)
+        if cell["steps_to_forget"] is not None:
+            break
+    atomic_write_json(cells_dir / f"{_key(scenario, regime, method, 'off', seed)}.json", cell)
+    atomic_write_json(lr_file, {"lr": lr, "rule": f"smallest of {grid.lr_ladder} reaching forget EM < "
+                                                  f"{FORGET_TARGET} in {grid.max_steps} steps (vanilla)"})
+    return lr
+
+
 def _run_group(task: tuple) -> int:
-    """Every cell of one (scenario, regime, method): lr calibration first, then modes x seeds. Resumable."""
-    grid, scenario, regime, method, cells_dir, runs_dir, model, threads = task
+    """The cells of one (seed, scenario, regime, method), GRIP modes in order. Resumable.
+
+    Tasks are seed-major (every group's first seed before any second seed), so a study stopped early
+    covers the whole grid with fewer seeds. A task that finds its group uncalibrated calibrates first,
+    always on the grid's first seed, so the learning rate never depends on which task ran first.
+    """
+    grid, seed, scenario, regime, method, cells_dir, runs_dir, model, threads = task
     if threads:
         torch.set_num_threads(threads)
+    todo = [m for m in grid.grip_modes if not (cells_dir / f"{_key(scenario, regime, method, m, seed)}.json").exists()]
+    if not todo:
+        return 0
     moe = _load_cached(model)
-    lr_file = cells_dir / f"{_key(scenario, regime, method)}__lr.json"
-    lr = json.loads(lr_file.read_text())["lr"] if lr_file.exists() else None
-    done = 0
-    for seed in grid.seeds:
-        data, baseline = None, None
-        for mode in grid.grip_modes:
-            path = cells_dir / f"{_key(scenario, regime, method, mode, seed)}.json"
-            if path.exists():
-                continue
-            if baseline is None:
-                data = UnlearningData.from_scenario(scenario, seed=seed, retain_eval_size=grid.eval_examples)
-                baseline = Baseline.compute(moe, data, make_config(
-                    method, "off", regime, seed, MAX_STEPS, eval_examples=grid.eval_examples,
-                    final_eval_examples=grid.final_eval_examples))
-            if lr is None:   # the fixed rule: calibrate on vanilla, on the first seed
-                for candidate in LR_LADDER:
-                    cell = _run_cell(moe, data, baseline, grid, scenario, regime, method, "off", seed, candidate,
-                                     runs_dir)
-                    lr = candidate
-                    if cell["steps_to_forget"] is not None:
-                        break
-                atomic_write_json(lr_file, {"lr": lr, "rule": f"smallest of {LR_LADDER} reaching forget EM < "
-                                                        f"{FORGET_TARGET} in {MAX_STEPS} steps (vanilla)"})
-                if mode == "off":
-                    atomic_write_json(path, cell)
-                    done += 1
-                    continue
-            atomic_write_json(path, _run_cell(moe, data, baseline, grid, scenario, regime, method, mode, seed, lr,
-                                              runs_dir))
-            done += 1
-    return done
+    setup: dict = {}
+    lr = _calibrated_lr(moe, grid, scenario, regime, method, cells_dir, runs_dir, setup)
+    for mode in todo:
+        path = cells_dir / f"{_key(scenario, regime, method, mode, seed)}.json"
+        if path.exists():                                                    # the calibration's own cell
+            continue
+        if seed not in setup:
+            setup[seed] = _setup(moe, grid, scenario, regime, method, seed)
+        atomic_write_json(path, _run_cell(moe, *setup[seed], grid, scenario, regime, method, mode, seed, lr, runs_dir))
+    return len(todo)
+
+
+def regime_aliases(moe, regimes: tuple[str, ...]) -> dict[str, str]:
+    """{regime: an earlier regime that trains the SAME parameters at the same relative learning rates}.
+
+    Such a regime would repeat the earlier one's runs to the last digit (the same seeded jobs), so
+    the study runs it once and reports it under both names. On OLMoE (no shared experts)
+    `experts+routers` and `shortcut` (`moe` scope, routers x30) are the same parameter set.
+    """
+    kinds = classify_parameters(moe.model, moe.layers)
+    group = {"router": "routers", "expert": "experts", "shared": "experts", "other": "other"}
+    seen: dict[tuple, str] = {}
+    aliases = {}
+    for name in regimes:
+        preset = get_preset(name)
+        scope = dataclasses.replace(preset.scope, lr=1.0)
+        signature = (tuple((n, scope.group_lr(group[kinds[n]])) for n in scope_parameter_names(moe.model, moe, scope)),
+                     tuple(sorted(preset.method_args.items())))
+        if signature in seen:
+            aliases[name] = seen[signature]
+        else:
+            seen[signature] = name
+    return aliases
 
 
 _MODELS: dict = {}
@@ -118,26 +161,26 @@ def _load_cached(model: str):
 
 
 def run_study(quick: bool = False, out_dir: Path = Path("docs/study"), seeds: list[int] | None = None,
-              model: str = "demo", workers: int = 1, report_only: bool = False) -> str:
+              model: str = "demo", workers: int = 1, report_only: bool = False, grid: StudyGrid | None = None) -> str:
     """Run (or resume) the grid; return the markdown report.
 
     `report_only` builds the report from the cells already on disk (e.g. copied from a bigger machine).
     `workers` > 1 runs (scenario, regime, method) groups in parallel processes, one torch thread
     each (0 = one per core): every cell is seeded, so the numbers do not depend on the schedule.
     """
-    grid = QUICK if quick else FULL
+    grid = grid or (QUICK if quick else FULL)
     if seeds:
         grid = dataclasses.replace(grid, seeds=tuple(seeds))
     cells_dir = out_dir / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     runs_dir = out_dir / "runs"
-    tasks = [(grid, sc, rg, m, cells_dir, runs_dir, model, 1)
-             for sc in grid.scenarios for rg in grid.regimes for m in grid.methods]
+    aliases = regime_aliases(_load_cached(model), grid.regimes)
+    tasks = [(grid, seed, sc, rg, m, cells_dir, runs_dir, model, 1) for seed in grid.seeds
+             for sc in grid.scenarios for rg in grid.regimes if rg not in aliases for m in grid.methods]
     if workers <= 0:   # auto: one process per core, never more than there are groups
         workers = min(os.cpu_count() or 1, len(tasks))
-    per_group = len(grid.grip_modes) * len(grid.seeds)
-    bar = tqdm(total=len(tasks) * per_group, desc="study", unit="cell", file=sys.stderr)
-    bar.update(sum(1 for p in cells_dir.glob("*.json") if not p.name.endswith("__lr.json")))
+    bar = tqdm(total=len(tasks) * len(grid.grip_modes), desc="study", unit="cell", file=sys.stderr)
+    bar.update(len(_load_cells(cells_dir, grid, aliases)))
     if report_only:
         tasks = []
     if workers > 1 and tasks:
@@ -150,8 +193,40 @@ def run_study(quick: bool = False, out_dir: Path = Path("docs/study"), seeds: li
         for task in tasks:
             bar.update(_run_group(task))
     bar.close()
+    cells = _load_cells(cells_dir, grid, aliases)
+    return study_report(cells + _aliased(cells, aliases), grid, quick, aliases, _alias_check(cells_dir, cells, aliases))
+
+
+def _load_cells(cells_dir: Path, grid: StudyGrid, aliases: dict[str, str]) -> list[dict]:
+    """The grid's cells on disk (cells of aliased regimes, from before aliasing existed, are left out)."""
     cells = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json")) if not p.name.endswith("__lr.json")]
-    return study_report(cells, grid, quick)
+    return [c for c in cells if c["scenario"] in grid.scenarios and c["regime"] in grid.regimes
+            and c["regime"] not in aliases and c["method"] in grid.methods and c["grip"] in grid.grip_modes
+            and c["seed"] in grid.seeds]
+
+
+def _alias_check(cells_dir: Path, cells: list[dict], aliases: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """{alias: (identical, compared)}: cells of an aliased regime that were RUN (before aliasing) vs its source's."""
+    timing = {"seconds", "regime", "run_dir", "step_ms", "grip_ms"}
+    source = {(c["scenario"], c["regime"], c["method"], c["grip"], c["seed"]): c for c in cells}
+    out: dict[str, list[int]] = {}
+    for p in sorted(cells_dir.glob("*.json")):
+        if p.name.endswith("__lr.json"):
+            continue
+        c = json.loads(p.read_text())
+        if c.get("regime") not in aliases:
+            continue
+        ref = source.get((c["scenario"], aliases[c["regime"]], c["method"], c["grip"], c["seed"]))
+        if ref is not None:
+            n = out.setdefault(c["regime"], [0, 0])
+            n[0] += all(c.get(k) == ref.get(k) for k in c if k not in timing)
+            n[1] += 1
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def _aliased(cells: list[dict], aliases: dict[str, str]) -> list[dict]:
+    return [{**c, "regime": alias, "same_as": source} for alias, source in aliases.items()
+            for c in cells if c["regime"] == source]
 
 
 # ----------------------------------------------------------------------------------- the report
@@ -185,25 +260,38 @@ def _mean(cells: list[dict], key: str) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
-def study_report(cells: list[dict], grid: StudyGrid, quick: bool) -> str:
+def study_report(cells: list[dict], grid: StudyGrid, quick: bool, aliases: dict[str, str] | None = None,
+                 alias_check: dict[str, tuple[int, int]] | None = None) -> str:
     """Markdown: one table per (scenario, regime), then the findings stated from the numbers."""
+    aliases = aliases or {}
+    n_aliased = sum(1 for c in cells if c.get("same_as"))
+    aliased_note = f" ({n_aliased} of them aliased, see below)" if n_aliased else ""
     lines = [f"# GRIP Studio study{' (quick)' if quick else ''}", "",
              f"Made by `python -m grip_core study{' --quick' if quick else ''}` on the demo model. "
-             f"{len(cells)} of {_grid_size(grid)} runs present (a partial study says so here). Grid: scenarios {list(grid.scenarios)}, regimes {list(grid.regimes)}, methods "
+             f"{len(cells)} of {_grid_size(grid)} cells present{aliased_note} (a partial study says so here). Grid: scenarios {list(grid.scenarios)}, regimes {list(grid.regimes)}, methods "
              f"{list(grid.methods)}, GRIP modes {list(grid.grip_modes)}, seeds {list(grid.seeds)}. Learning rate "
-             f"per (scenario, regime, method): the smallest of {list(LR_LADDER)} at which vanilla unlearning "
-             f"reaches forget EM < {FORGET_TARGET} within {MAX_STEPS} steps (else the largest); every run stops "
-             f"once forget EM < {FORGET_TARGET} (checked every 10 steps) or at {MAX_STEPS} steps. Mean ± sd over "
+             f"per (scenario, regime, method): the smallest of {list(grid.lr_ladder)} at which vanilla unlearning "
+             f"reaches forget EM < {FORGET_TARGET} within {grid.max_steps} steps (else the largest); every run stops "
+             f"once forget EM < {FORGET_TARGET} (checked every {grid.eval_every} steps) or at {grid.max_steps} steps. Mean ± sd over "
              "seeds. Stability is measured on retained questions held out of training and of GRIP's fit.", ""]
     findings = []
     for (scenario, regime), group in sorted(_group(cells, "scenario", "regime").items()):
-        lines += [f"## {scenario} scenario · {regime} regime", "",
-                  "| method | GRIP | lr | " + " | ".join(n for _, n in _METRICS) + " |",
+        lines += [f"## {scenario} scenario · {regime} regime", ""]
+        if regime in aliases:
+            lines += [f"On this model `{regime}` trains exactly the parameters of `{aliases[regime]}`, at the same "
+                      f"relative learning rates (no shared experts), so its runs would repeat `{aliases[regime]}`'s to "
+                      f"the last digit: the rows below are `{aliases[regime]}`'s, not run twice."
+                      + (" Checked: {} of {} `{}` runs made before this rule gave numbers identical to `{}`'s."
+                         .format(*alias_check[regime], regime, aliases[regime]) if regime in (alias_check or {}) else ""),
+                      ""]
+        lines += ["| method | GRIP | lr | " + " | ".join(n for _, n in _METRICS) + " |",
                   "|---|---|---|" + "---|" * len(_METRICS)]
         for (method, mode), cs in sorted(_group(group, "method", "grip").items(),
                                          key=lambda kv: (kv[0][0], grid.grip_modes.index(kv[0][1]))):
             lines.append(f"| {method} | {mode} | {cs[0]['lr']:g} | " +
                          " | ".join(_agg([c.get(k) for c in cs]) for k, _ in _METRICS) + " |")
+            if regime in aliases:
+                continue
             if mode == "off":
                 rec, fem = _mean(cs, "restoration_recovered"), _mean(cs, "forget_em")
                 if rec is not None and fem is not None and rec >= SHORTCUT_RECOVERY and fem < FORGET_TARGET * 2:
@@ -218,7 +306,7 @@ def study_report(cells: list[dict], grid: StudyGrid, quick: bool) -> str:
                 findings.append(f"- GRIP {mode} ({scenario}/{regime}/{method}): retained stability {stab:.3f} "
                                 f"(router-only {ro:.3f}), restoration recovers {rec:.0%}, forget EM {fem:.3f} → "
                                 f"paper's claim {'HOLDS' if holds else 'does NOT hold'} here"
-                                + ("" if holds else _why_not(stab, rec, fem)) + ".")
+                                + ("" if holds else _why_not(stab, rec, fem, grid.max_steps)) + ".")
         lines.append("")
     lines += ["## Findings (computed from the table rows above)", ""] + (findings or ["- no cells yet"])
     return "\n".join(lines) + "\n"
@@ -228,12 +316,12 @@ def _grid_size(grid: StudyGrid) -> int:
     return len(grid.scenarios) * len(grid.regimes) * len(grid.methods) * len(grid.grip_modes) * len(grid.seeds)
 
 
-def _why_not(stab, rec, fem) -> str:
+def _why_not(stab, rec, fem, max_steps: int) -> str:
     reasons = []
     if stab is not None and stab < CLAIM_STABILITY:
         reasons.append(f"stability below {CLAIM_STABILITY}")
     if rec is not None and rec > 0.05:
         reasons.append("restoration still recovers answers")
     if fem is None or fem >= FORGET_TARGET:
-        reasons.append(f"forget EM not below {FORGET_TARGET} within {MAX_STEPS} steps")
+        reasons.append(f"forget EM not below {FORGET_TARGET} within {max_steps} steps")
     return " (" + "; ".join(reasons) + ")" if reasons else ""

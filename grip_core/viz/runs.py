@@ -128,6 +128,8 @@ def attribution_bars(runs: Mapping[str, Mapping], title: str | None = None,
     apply_style(fig, title or "Where the retained routing shift comes from",
                 subtitle="retained shift (100 % − stability) = router weights + input drift (Shapley)", height=440)
     fig.update_layout(barmode="relative")
+    # the run names form a second row of x tick labels: push the legend below them
+    fig.update_layout(legend=dict(y=-0.3), margin=dict(b=130))
     fig.update_yaxes(title="shift (pp)", ticksuffix=" pp")
     return fig
 
