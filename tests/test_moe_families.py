@@ -174,3 +174,29 @@ def test_load_model_roundtrip_local_dir(tmp_path):
     assert moe.family == "Qwen3-MoE" and len(moe.layers) == 2
     torch.testing.assert_close(moe.layers[1].router_weight, model.model.layers[1].mlp.gate.weight)
     assert json.loads(json.dumps(moe.describe()))["num_moe_layers"] == 2
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral", "gpt_oss"])
+def test_cpu_experts_forward_is_bitwise_eager(family):
+    """load_model's CPU experts path (fast_experts) = transformers' eager: same loss, same gradients.
+
+    OLMoE takes the unbind path; Mixtral and GPT-OSS (other layouts) must fall back to their own eager code."""
+    import copy
+
+    from grip_core.moe.fast_experts import register
+
+    eager = build_tiny_model(family, seed=1)
+    eager.set_experts_implementation("eager")
+    fast = copy.deepcopy(eager)
+    fast.set_experts_implementation(register())
+    batch = _batch(seed=2)
+    grads = []
+    for m in (eager, fast):
+        m.train()
+        loss = m(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = grads
+    assert torch.equal(l0, l1) and g0.keys() == g1.keys() and len(g0) > 0
+    assert all(torch.equal(g0[n], g1[n]) for n in g0)
+    assert load_model("demo").model.config._experts_implementation == register()

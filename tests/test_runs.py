@@ -43,9 +43,11 @@ def _router_weights(moe):
 def test_job_is_deterministic_and_leaves_base_untouched(demo, data, baseline, tmp_path):
     before = {k: v.clone() for k, v in demo.model.state_dict().items()}
     config = make_config("graddiff", "update", "shortcut", seed=3, steps=4, **SMALL)
+    baseline.grip_fits.clear()
     a = run_unlearning(demo, config, data, baseline=baseline, runs_dir=tmp_path)
-    b = run_unlearning(demo, config, data, baseline=baseline, runs_dir=tmp_path)
+    b = run_unlearning(demo, config, data, baseline=baseline, runs_dir=tmp_path)   # reuses a's GRIP fit
     assert a.status == b.status == "completed"
+    assert (a.summary["timing"]["grip_fit_cached"], b.summary["timing"]["grip_fit_cached"]) == (False, True)
     assert [r["loss"] for r in a.step_log] == [r["loss"] for r in b.step_log]
     assert a.summary["headline"] == b.summary["headline"]
     for x, y in zip(_router_weights(a.unlearned), _router_weights(b.unlearned)):

@@ -51,8 +51,10 @@ def _load(source: str) -> MoEModel:
         from grip_core.moe.tiny import build_tiny_model
 
         model = build_tiny_model(source.split(":", 1)[1])
-        try:
-            model.set_experts_implementation("eager")   # as load_model does on CPU: grouped_mm is ~10x slower
+        try:   # as load_model does on CPU: grouped_mm is ~10x slower than eager
+            from grip_core.moe.fast_experts import register
+
+            model.set_experts_implementation(register())
         except Exception:  # noqa: BLE001 - an older transformers
             pass
         return MoEModel(model, _char_tokenizer(), name=source)

@@ -102,6 +102,12 @@ class GRIPConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def fit_key(self) -> tuple:
+        """The fields that decide what GRIP.fit computes (not how steps are constrained): two configs with
+        the same key fit the same GRIPState on the same model and retain batches."""
+        return (self.threshold_kind, self.eps_null, self.energy, self.max_margin_rows, self.probe_tokens,
+                self.seed, self.basis_dtype, self.fit_layers_per_pass)
+
     @classmethod
     def from_dict(cls, data: dict) -> "GRIPConfig":
         """Unknown keys are ignored (configs saved by newer versions still load)."""

@@ -37,8 +37,11 @@ def load_model(name_or_path: str | Path = "demo", device: str | torch.device = "
     _check_dir(path)
     kwargs = dict(trust_remote_code=False, use_safetensors=True, dtype=dtype, local_files_only=True)
     if torch.device(device).type == "cpu":
-        # transformers' default fused-experts kernel (grouped_mm) is ~10x slower than eager on CPU
-        kwargs["experts_implementation"] = "eager"
+        # transformers' default fused-experts kernel (grouped_mm) is ~10x slower than eager on CPU;
+        # grip_cpu is eager with a cheaper backward, bitwise the same (grip_core/moe/fast_experts.py)
+        from .fast_experts import register
+
+        kwargs["experts_implementation"] = register()
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from typing import Callable
 
 from ..grip import GRIPConfig
@@ -74,8 +76,8 @@ def compare_in_processes(moe: MoEModel, model: str, data: UnlearningData, method
     """compare() with the runs spread over `workers` spawned processes, one torch thread each.
 
     `moe` is `model` (a grip_core.moe.load_model source) loaded here: the Baseline is measured on
-    it once, while the workers start and load their own copy, and sent to every run; rows come
-    back in compare()'s order.
+    it once, while the workers start and load their own copy, and sent to every run (each worker
+    keeps the first copy it gets, so its GRIP runs share one fit); rows come back in compare()'s order.
     Footgun: one thread per process instead of torch's default can change float sums in the last
     bits, so a row may differ from a one-process compare() by rounding, never by more.
     """
@@ -88,7 +90,8 @@ def compare_in_processes(moe: MoEModel, model: str, data: UnlearningData, method
     rows: list[dict | None] = [None] * len(configs)
     with mp.get_context("spawn").Pool(max(1, min(workers, len(configs))), _worker_init, (model,)) as pool:
         baseline = Baseline.compute(moe, data, configs[0][2])           # meanwhile the workers load the model
-        tasks = [(data, baseline, *configs[i], runs_dir) for i in order]
+        token = f"{os.getpid()}-{time.time_ns()}"                        # this compare's Baseline, in the workers
+        tasks = [(data, baseline, token, *configs[i], runs_dir) for i in order]
         for i, row in zip(order, pool.imap(_compare_task, tasks)):
             rows[i] = row
             if on_row:
@@ -99,6 +102,7 @@ def compare_in_processes(moe: MoEModel, model: str, data: UnlearningData, method
 
 
 _WORKER_MODEL: list[MoEModel] = []
+_WORKER_BASELINES: dict[str, Baseline] = {}
 
 
 def _worker_init(model: str) -> None:
@@ -112,7 +116,8 @@ def _worker_init(model: str) -> None:
 
 def _compare_task(task: tuple) -> dict:
     """One (method, mode) run in a worker process, on the model its initializer loaded."""
-    data, baseline, method, mode, config, runs_dir = task
+    data, baseline, token, method, mode, config, runs_dir = task
+    baseline = _WORKER_BASELINES.setdefault(token, baseline)                  # keeps the GRIP fits it collects
     result = run_unlearning(_WORKER_MODEL[0], config, data, baseline=baseline, runs_dir=runs_dir)
     return result_row(method, mode, result)
 

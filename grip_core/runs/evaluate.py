@@ -5,7 +5,7 @@ unlearned, through grip_core.metrics; the results are plain dicts, ready for the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,6 +42,9 @@ class Baseline:
     step_em: dict[str, float]                   # base EM on the per-step probe subsets
     probes: dict                                # base probes on the final splits (ProbeResult.to_dict())
     max_length: int
+    # GRIP fits of the base model on the retain split, by (GRIPConfig.fit_key(), fit examples, max_length):
+    # jobs sharing this Baseline fit once (run_unlearning fills and reads it; states are copied, never shared)
+    grip_fits: dict = field(default_factory=dict)
 
     @classmethod
     @torch.no_grad()

@@ -119,13 +119,22 @@ def run_unlearning(moe: MoEModel, config: RunConfig, data: UnlearningData | None
         optimizer = torch.optim.AdamW(groups, lr=config.scope.lr, weight_decay=config.weight_decay)
 
         t0 = time.perf_counter()
-        grip = None   # vanilla runs (mode "off") skip the fit and the hooks: they pay nothing for GRIP
+        grip, fit_cached = None, False   # vanilla runs (mode "off") skip the fit and the hooks: they pay nothing
         if config.grip.mode != "off":
             fit_examples = data.retain_train[:config.grip_fit_examples] if config.grip_fit_examples else data.retain_train
-            fit_examples = dist.shard(fit_examples)                                     # [distributed] r::N
-            grip = GRIP(work, fit_retain_statistics(
-                work, (encode(fit_examples[i:i + 64]) for i in range(0, len(fit_examples), 64)),
-                config.grip, reduce=dist.fit_reducer()), config.grip)                  # [distributed] = GRIP.fit
+            key = (config.grip.fit_key(), len(fit_examples), config.max_length)
+            cached = baseline.grip_fits.get(key) if baseline is not None and dist.world_size == 1 else None
+            fit_cached = cached is not None
+            if fit_cached:                  # the base model's fit, made by an earlier job on this Baseline
+                state = copy.deepcopy(cached)
+            else:
+                fit_examples = dist.shard(fit_examples)                                 # [distributed] r::N
+                state = fit_retain_statistics(
+                    work, (encode(fit_examples[i:i + 64]) for i in range(0, len(fit_examples), 64)),
+                    config.grip, reduce=dist.fit_reducer())                            # [distributed] = GRIP.fit
+                if baseline is not None and dist.world_size == 1:
+                    baseline.grip_fits[key] = copy.deepcopy(state)                     # drift mode edits its copy
+            grip = GRIP(work, state, config.grip)
             optimizer = grip.wrap(optimizer)
             if writer:
                 writer.write_json("grip_ranks.json", grip_rank_report(grip))
@@ -177,7 +186,7 @@ def run_unlearning(moe: MoEModel, config: RunConfig, data: UnlearningData | None
         dist.check_replicas(work.router_state())                            # [distributed] routers bitwise equal
         summary = dist.main_only(evaluate_final, work, moe, baseline, data, config, grip)   # [distributed] rank 0
         summary["timing"] = {
-            "grip_fit_seconds": fit_seconds,
+            "grip_fit_seconds": fit_seconds, "grip_fit_cached": fit_cached,
             "step_ms_median": 1000 * float(np.median(step_seconds)) if step_seconds else math.nan,
             "grip_ms_median": 1000 * float(np.median(grip_seconds)) if grip_seconds else math.nan,
             "steps": len(step_seconds)}
