@@ -211,9 +211,10 @@ class FitAccumulators:
 
     `fit_retain_statistics(..., reduce=f)` calls `f(acc)` once after EACH pass (one pass unless
     `fit_layers_per_pass`) and continues with the FitAccumulators it returns; the lists hold the
-    pass's layers only, and the probe is filled in the first pass only (empty lists after). Sums (grams, counts, agree, num_tokens) must come back summed
-    over processes; the samples (reservoir, probe) merged so that every process holds the same.
-    Per layer: grams (E, d', d') float64, counts (E,) long; agree (L, 2) long [rule agrees, rows];
+    pass's layers only, and the probe is filled in the first pass only (empty lists after).
+    Sums (grams, counts, agree, num_tokens) must come back summed over processes; the samples
+    (reservoir, probe) merged so that every process holds the same.
+    Per layer of the pass: grams (E, d', d') float64, counts (E,) long; agree (n, 2) long [rule agrees, rows];
     reservoir_keys (m,), reservoir_parts per layer [x (m, d'), logits (m, E), selected (m, k)] or None
     (no tokens); probe_* as in GRIPState, but probe_logits / probe_selected still per batch
     (L lists of (n_b, E) / (n_b, k)).

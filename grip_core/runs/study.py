@@ -2,10 +2,13 @@
 
 Grid: scenario x regime (scope + learning rates) x method x GRIP mode x seed. Each cell is
 one `run_unlearning` job; its headline numbers are saved as `cells/<key>.json`, so an
-interrupted study resumes where it stopped. The learning rate of each (scenario, regime,
-method) is chosen by a fixed rule, never by looking at GRIP: the smallest rate of
-`LR_LADDER` at which VANILLA unlearning (seed 0) brings forget EM below `FORGET_TARGET`
-within `MAX_STEPS`; GRIP runs then use the same rate. The report is built from the cells.
+interrupted study resumes where it stopped; cells run seed-major, so a study stopped early
+covers the grid with fewer seeds. The learning rate of each (scenario, regime, method) is
+chosen by a fixed rule, never by looking at GRIP: the smallest rate of the grid's `lr_ladder`
+at which VANILLA unlearning (first seed) brings forget EM below `FORGET_TARGET` within
+`max_steps`; GRIP runs then use the same rate. A regime that trains the same parameters as
+an earlier one on this model is run once and reported under both names (`regime_aliases`).
+The report is built from the cells.
 """
 from __future__ import annotations
 
@@ -165,8 +168,9 @@ def run_study(quick: bool = False, out_dir: Path = Path("docs/study"), seeds: li
     """Run (or resume) the grid; return the markdown report.
 
     `report_only` builds the report from the cells already on disk (e.g. copied from a bigger machine).
-    `workers` > 1 runs (scenario, regime, method) groups in parallel processes, one torch thread
+    `workers` > 1 runs (seed, scenario, regime, method) tasks in parallel processes, one torch thread
     each (0 = one per core): every cell is seeded, so the numbers do not depend on the schedule.
+    `grid` replaces the FULL / QUICK grid (e.g. a smaller one in tests).
     """
     grid = grid or (QUICK if quick else FULL)
     if seeds:
@@ -177,7 +181,7 @@ def run_study(quick: bool = False, out_dir: Path = Path("docs/study"), seeds: li
     aliases = regime_aliases(_load_cached(model), grid.regimes)
     tasks = [(grid, seed, sc, rg, m, cells_dir, runs_dir, model, 1) for seed in grid.seeds
              for sc in grid.scenarios for rg in grid.regimes if rg not in aliases for m in grid.methods]
-    if workers <= 0:   # auto: one process per core, never more than there are groups
+    if workers <= 0:   # auto: one process per core, never more than there are tasks
         workers = min(os.cpu_count() or 1, len(tasks))
     bar = tqdm(total=len(tasks) * len(grid.grip_modes), desc="study", unit="cell", file=sys.stderr)
     bar.update(len(_load_cells(cells_dir, grid, aliases)))
