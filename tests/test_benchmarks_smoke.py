@@ -97,7 +97,11 @@ def test_fit_scaling_and_real_shapes_structure(tiny_run):
     shapes = _strict_load(out / "real_shapes.json")
     assert set(shapes["results"]) == {"olmoe", "qwen3"}
     for r in shapes["results"].values():
-        assert r["ranks"]["basis_dtype"] == "torch.float32"
+        assert r["ranks"]["basis_dtype"].startswith("float16")                # the chosen storage
+        assert r["step"]["basis_dtype_timed"] == "torch.float16"
+        assert 0 <= r["step"]["retained_leak_float32"] < r["step"]["retained_leak_float16"] < 1e-2
+        assert r["extrapolated"]["fit_gram_accumulators_gb_layer_at_a_time"] * r["shape"]["L"] == \
+            pytest.approx(r["extrapolated"]["fit_gram_accumulators_gb_all_layers_at_once"])
         assert r["extrapolated"]["state_gb_total"] > 0 and r["step"]["after_step_ms_all_layers"] > 0
         assert r["fit"]["experts_fitted"] <= r["shape"]["E"]
     cap = _strict_load(out / "capture_and_app.json")
