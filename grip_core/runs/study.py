@@ -184,7 +184,7 @@ def run_study(quick: bool = False, out_dir: Path = Path("docs/study"), seeds: li
     if workers <= 0:   # auto: one process per core, never more than there are tasks
         workers = min(os.cpu_count() or 1, len(tasks))
     bar = tqdm(total=len(tasks) * len(grid.grip_modes), desc="study", unit="cell", file=sys.stderr)
-    bar.update(len(_load_cells(cells_dir, grid, aliases)))
+    bar.update(len(_in_grid(_read_cells(cells_dir), grid, aliases)))
     if report_only:
         tasks = []
     if workers > 1 and tasks:
@@ -197,27 +197,29 @@ def run_study(quick: bool = False, out_dir: Path = Path("docs/study"), seeds: li
         for task in tasks:
             bar.update(_run_group(task))
     bar.close()
-    cells = _load_cells(cells_dir, grid, aliases)
-    return study_report(cells + _aliased(cells, aliases), grid, quick, aliases, _alias_check(cells_dir, cells, aliases))
+    on_disk = _read_cells(cells_dir)
+    cells = _in_grid(on_disk, grid, aliases)
+    return study_report(cells + _aliased(cells, aliases), grid, quick, aliases, _alias_check(on_disk, cells, aliases))
 
 
-def _load_cells(cells_dir: Path, grid: StudyGrid, aliases: dict[str, str]) -> list[dict]:
-    """The grid's cells on disk (cells of aliased regimes, from before aliasing existed, are left out)."""
-    cells = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json")) if not p.name.endswith("__lr.json")]
+def _read_cells(cells_dir: Path) -> list[dict]:
+    """Every cell saved under cells_dir (the __lr.json calibration records are not cells)."""
+    return [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json")) if not p.name.endswith("__lr.json")]
+
+
+def _in_grid(cells: list[dict], grid: StudyGrid, aliases: dict[str, str]) -> list[dict]:
+    """The grid's cells (cells of aliased regimes, from before aliasing existed, are left out)."""
     return [c for c in cells if c["scenario"] in grid.scenarios and c["regime"] in grid.regimes
             and c["regime"] not in aliases and c["method"] in grid.methods and c["grip"] in grid.grip_modes
             and c["seed"] in grid.seeds]
 
 
-def _alias_check(cells_dir: Path, cells: list[dict], aliases: dict[str, str]) -> dict[str, tuple[int, int]]:
+def _alias_check(on_disk: list[dict], cells: list[dict], aliases: dict[str, str]) -> dict[str, tuple[int, int]]:
     """{alias: (identical, compared)}: cells of an aliased regime that were RUN (before aliasing) vs its source's."""
     timing = {"seconds", "regime", "run_dir", "step_ms", "grip_ms"}
     source = {(c["scenario"], c["regime"], c["method"], c["grip"], c["seed"]): c for c in cells}
     out: dict[str, list[int]] = {}
-    for p in sorted(cells_dir.glob("*.json")):
-        if p.name.endswith("__lr.json"):
-            continue
-        c = json.loads(p.read_text())
+    for c in on_disk:
         if c.get("regime") not in aliases:
             continue
         ref = source.get((c["scenario"], aliases[c["regime"]], c["method"], c["grip"], c["seed"]))
