@@ -9,8 +9,26 @@ from pathlib import Path
 from .moe.errors import GripStudioError
 
 
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    """--device / --dtype / --device-map / --offload-folder: how every model of the command is loaded."""
+    g = p.add_argument_group("loading (memory is estimated before any weight is read)")
+    g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
+    g.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on CUDA; float32 on CPU when it fits, else bfloat16), float32, bfloat16, float16")
+    g.add_argument("--device-map", default=None,
+                   help="auto / balanced / sequential: accelerate's big-model loading over GPUs, CPU and disk")
+    g.add_argument("--offload-folder", default=None, help="with --device-map: where weights that fit nowhere go")
+
+
+def load_kwargs(args) -> dict:
+    """The load_model keyword arguments the loading flags ask for."""
+    return {"device": args.device, "dtype": args.dtype, "device_map": args.device_map,
+            "offload_folder": args.offload_folder}
+
+
 def _add_common(p: argparse.ArgumentParser, scenario: bool = True) -> None:
     p.add_argument("--model", default="demo", help='"demo" or a local checkpoint directory')
+    _add_load_args(p)
     if scenario:
         p.add_argument("--scenario", default="domain", choices=["domain", "entities"])
         p.add_argument("--forget-file", help="forget set (JSONL/CSV/TOFU JSON); overrides --scenario")
@@ -46,11 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grip-mode", default="update")
     p.add_argument("--preset", default="shortcut")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--save-weights", action="store_true")
+    p.add_argument("--save-weights", nargs="?", const="delta", choices=["delta", "full"], default=None,
+                   help="keep the unlearned weights in the run folder: delta (default: only changed tensors) or full")
 
     p = sub.add_parser("diagnose", help='base + unlearned checkpoints: "forgot or rerouted?"')
     p.add_argument("--base", required=True, help="base checkpoint directory (or demo)")
-    p.add_argument("--unlearned", required=True, help="unlearned checkpoint directory")
+    p.add_argument("--unlearned", required=True,
+                   help="unlearned checkpoint directory (full or a run's weight delta); streamed into the base model")
+    _add_load_args(p)
     p.add_argument("--forget-file", required=True)
     p.add_argument("--retain-file", required=True)
     p.add_argument("--holdout-file")
@@ -61,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="demo")
     p.add_argument("--file", required=True, help="JSONL/CSV/TOFU JSON (question/answer or text)")
     p.add_argument("--out", help="write the summary as JSON here")
+    p.add_argument("--token-budget", type=int, default=8192, help="padded tokens per forward batch")
+    p.add_argument("--max-length", type=int, default=128, help="tokens kept per text")
+    _add_load_args(p)
 
     p = sub.add_parser("study", help="the grid study (resumable), writing a markdown report")
     p.add_argument("--quick", action="store_true", help="one seed, fewer cells (<= 10 min on 2 cores)")
@@ -69,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, help="comma list of seeds (overrides the grid's)")
     p.add_argument("--workers", type=int, default=0, help="parallel processes, one torch thread each (0: one per core)")
     p.add_argument("--model", default="demo")
+    _add_load_args(p)
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from saved cells")
     return parser
 

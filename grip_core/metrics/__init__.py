@@ -4,7 +4,7 @@ Every result is a dataclass with `.to_dict()` (JSON-able) for the run store and 
 """
 from .ablation import AblationTable, ablate_experts, ablation_table, expert_slices, experts_by_label
 from .attacks import (RestorationResult, TransplantResult, load_router_state, router_restoration_attack,
-                      router_transplant, with_routers)
+                      router_transplant, swapped_routers, with_routers)
 from .attribution import (AttributionResult, LayerAttribution, attribute_models, full_router_state,
                           routing_shift_attribution, select_with)
 from .probes import (ProbeResult, SplitProbe, answer_nll, exact_match_accuracy, greedy_predictions, membership_auc,
@@ -15,7 +15,7 @@ from .routing import (KL_PSEUDO_COUNT, LabelExpertMatrix, LabelExpertNMI, LayerR
 
 __all__ = ["AblationTable", "ablate_experts", "ablation_table", "expert_slices", "experts_by_label",
            "RestorationResult", "TransplantResult", "load_router_state", "router_restoration_attack",
-           "router_transplant", "with_routers", "AttributionResult", "LayerAttribution", "attribute_models",
+           "router_transplant", "swapped_routers", "with_routers", "AttributionResult", "LayerAttribution", "attribute_models",
            "full_router_state", "routing_shift_attribution", "select_with", "ProbeResult", "SplitProbe",
            "answer_nll", "exact_match_accuracy", "greedy_predictions", "membership_auc", "paraphrased", "run_probes",
            "KL_PSEUDO_COUNT", "LabelExpertMatrix", "LabelExpertNMI", "LayerRouting", "RoutingComparison",

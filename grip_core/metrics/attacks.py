@@ -1,7 +1,8 @@
 """Router-restoration attack: did the unlearned model forget, or only reroute?
 
-Put the ORIGINAL routers (a `moe.router_state()` taken before unlearning) back into a
-deep copy of the unlearned model and re-run the forget probe. If the answers come back,
+Put the ORIGINAL routers (a `moe.router_state()` taken before unlearning) back into the
+unlearned model (swapped in place for the probe, then swapped back: no second model in
+memory) and re-run the forget probe. If the answers come back,
 the method hid the knowledge behind the router (the "superficial forgetting" shortcut);
 if not, the knowledge left the experts/attention.
 
@@ -13,11 +14,13 @@ method forgot nothing: see `forgotten`); `recovered` is clipped to [0, 1] for di
 The reverse, `router_transplant`, puts the unlearned routers into a copy of the BASE
 model: does the router alone make it forget? forgot = (EM_base - EM_transplant) / max(EM_base - EM_unlearned, eps).
 
-The given models are never mutated.
+The given models are left as they were (the restoration swaps routers in place and restores
+them in a `finally`; the transplant works on a copy of the base).
 """
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -50,6 +53,26 @@ def with_routers(moe: MoEModel, state: dict[str, torch.Tensor]) -> MoEModel:
     clone = MoEModel(copy.deepcopy(moe.model), moe.tokenizer, name=f"{moe.name}+routers")
     load_router_state(clone, state)
     return clone
+
+
+@contextmanager
+def swapped_routers(moe: MoEModel, state: dict[str, torch.Tensor]):
+    """Within the block `moe`'s routers are `state`; on exit (even on error) they are what they were.
+
+    Only the router tensors are copied (E x d per layer), so this costs no second model.
+    """
+    saved = {k: v.detach().clone() for k, v in _router_targets(moe, state).items()}
+    load_router_state(moe, state)
+    try:
+        yield moe
+    finally:
+        load_router_state(moe, saved)
+
+
+def _router_targets(moe: MoEModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    targets = dict(moe.model.named_parameters())
+    targets.update(dict(moe.model.named_buffers()))
+    return {k: targets[k] for k in state if k in targets}
 
 
 @dataclass
@@ -100,7 +123,7 @@ def router_restoration_attack(unlearned: MoEModel, original_routers: dict[str, t
                               *, base: MoEModel | None = None, em_base: float | None = None, tokenizer=None,
                               split: str = "forget", batch_size: int = 32, max_new_tokens: int = 16,
                               max_length: int = 128) -> RestorationResult:
-    """Restore `original_routers` into a copy of `unlearned` and measure exact match on `examples`.
+    """Put `original_routers` into `unlearned` (in place, restored afterwards) and measure exact match on `examples`.
 
     EM_base comes from `base` (the original model) or, if already measured, `em_base`.
     """
@@ -109,10 +132,10 @@ def router_restoration_attack(unlearned: MoEModel, original_routers: dict[str, t
     kw = dict(tokenizer=tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens)
     em_b = exact_match_accuracy(base, examples, **kw) if em_base is None else float(em_base)
     em_u = exact_match_accuracy(unlearned, examples, **kw)
-    restored = with_routers(unlearned, original_routers)
-    em_r = exact_match_accuracy(restored, examples, **kw)
     nll_u = _mean(answer_nll(unlearned, examples, tokenizer, batch_size, max_length))
-    nll_r = _mean(answer_nll(restored, examples, tokenizer, batch_size, max_length))
+    with swapped_routers(unlearned, original_routers) as restored:
+        em_r = exact_match_accuracy(restored, examples, **kw)
+        nll_r = _mean(answer_nll(restored, examples, tokenizer, batch_size, max_length))
     raw = (em_r - em_u) / max(em_b - em_u, EPS)
     return RestorationResult(split=split, n=len(examples), em_base=em_b, em_unlearned=em_u, em_restored=em_r,
                              forgotten=em_b - em_u, recovered_raw=raw, recovered=_clip(raw),

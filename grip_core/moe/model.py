@@ -21,6 +21,7 @@ class MoEModel:
         self.tokenizer = tokenizer
         self.layers: list[MoELayer] = find_moe_layers(model)
         self.name = name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+        self.load_plan = None     # grip_core.moe.memory.LoadPlan when made by load_model: device, dtype, memory
 
     # ---- description -------------------------------------------------------------------------
     @property
@@ -30,6 +31,13 @@ class MoEModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def load_kwargs(self) -> dict:
+        """load_model keyword arguments that load this model the same way again (e.g. in a worker process)."""
+        if self.load_plan is not None:
+            return {"device": self.load_plan.device, "dtype": self.load_plan.dtype, "device_map": self.load_plan.device_map}
+        p = next(self.model.parameters())
+        return {"device": str(p.device), "dtype": str(p.dtype).replace("torch.", "")}
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

@@ -50,3 +50,35 @@ def build_tiny_model(family: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
     return model.eval()
+
+
+# OLMoE-1B-7B's real width (hidden 2048, 64 experts of 1024, top-8, 16 heads), few layers, a small vocabulary
+REAL_WIDTH = dict(hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
+                  num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096)
+
+
+def build_real_width_checkpoint(out_dir, num_layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                                max_shard_size: str = "300MB", tokenizer_dir=None, **overrides):
+    """A random OLMoE at OLMoE-1B-7B's real width, saved as a sharded Hub-layout checkpoint in `dtype`.
+
+    Uses the demo's tokenizer (vocabulary 1024) unless `tokenizer_dir` is given, so texts can be traced and
+    probed. 2 layers: 0.84 B parameters, 1.7 GB in bfloat16. Returns the output folder.
+    """
+    from pathlib import Path
+
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .load import DEMO_MODEL_DIR
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir or DEMO_MODEL_DIR), local_files_only=True)
+    cfg = transformers.OlmoeConfig(**{**REAL_WIDTH, "num_hidden_layers": num_layers, "vocab_size": len(tok),
+                                      "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+                                      "bos_token_id": None, "tie_word_embeddings": False, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    out = Path(out_dir)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    tok.save_pretrained(out)
+    del model
+    return out

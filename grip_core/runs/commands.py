@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..cli import load_kwargs
 from ..moe import load_model
 from .compare import TABLE_COLUMNS, compare, compare_in_processes, format_table, make_config
 from .data import UnlearningData
@@ -35,7 +36,7 @@ def _write_table(stem: str, rows: list[dict]) -> None:
 
 
 def cmd_compare(args) -> int:
-    moe = load_model(args.model)
+    moe = load_model(args.model, **load_kwargs(args))
     data = _data(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     modes = [m.strip() for m in args.grip_modes.split(",") if m.strip()]
@@ -62,7 +63,7 @@ def cmd_run(args) -> int:
     from .config import RunConfig
     from .job import run_unlearning
 
-    moe = load_model(args.model)
+    moe = load_model(args.model, **load_kwargs(args))
     if args.config:
         path = Path(args.config)
         if not path.is_file():
@@ -74,7 +75,8 @@ def cmd_run(args) -> int:
     else:
         mode = "off" if args.grip_mode == "off" else args.grip_mode
         config = make_config(args.method, mode, args.preset, args.seed, args.steps or 60,
-                             save_weights=args.save_weights, scenario=args.scenario)
+                             save_weights=bool(args.save_weights), weights_format=args.save_weights or "delta",
+                             scenario=args.scenario)
     bar = tqdm(total=config.steps, desc=config.display_name(), unit="step", file=sys.stderr)
     result = run_unlearning(moe, config, _data(args), runs_dir=args.runs_dir,
                             progress=lambda row: (bar.update(1), bar.set_postfix(loss=f"{row['loss']:.3f}")))
@@ -84,12 +86,26 @@ def cmd_run(args) -> int:
     return 0 if result.status == "completed" else 1
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _loaded(moe) -> None:
+    plan = moe.load_plan
+    if plan is not None:
+        print(f"loaded {plan.describe()}", file=sys.stderr)
+
+
 def cmd_diagnose(args) -> int:
     from .diagnose import diagnose
 
-    base, unlearned = load_model(args.base), load_model(args.unlearned)
     data = UnlearningData.from_files(args.forget_file, args.retain_file, args.holdout_file, seed=args.seed)
-    d = diagnose(base, unlearned, data, seed=args.seed)
+    base = load_model(args.base, **load_kwargs(args))
+    _loaded(base)
+    d = diagnose(base, args.unlearned, data, seed=args.seed)      # streams the unlearned tensors into `base`
+    ck = d.report.get("checkpoint", {})
+    print(f"applied {args.unlearned}: {ck.get('tensors_changed')} of {ck.get('tensors_read')} tensors differ "
+          f"({ck.get('layout')} layout, {ck.get('seconds', 0):.1f} s)", file=sys.stderr)
     rows = [{"layer": a["layer"], "retain_stability": a["stability_actual"],
              "router_only": a["stability_router_only"], "drift_only": a["stability_drift_only"],
              "forget_shift": f["shift"]}
@@ -103,28 +119,42 @@ def cmd_diagnose(args) -> int:
 
 
 def cmd_trace(args) -> int:
-    from ..data import encode_qa, read_qa_file
-    from ..metrics import domain_expert_nmi
+    from ..data import read_qa_file
+    from ..moe.memory import fmt_bytes
+    from ..moe.stream import stream_routing
 
-    moe = load_model(args.model)
     examples = read_qa_file(args.file)
-    texts = [ex.text if ex.is_text_only else None for ex in examples]
-    if all(t is not None for t in texts):
-        trace = moe.trace(texts)
-    else:
-        trace = moe.trace([encode_qa(moe.tokenizer, examples[i:i + 64]) for i in range(0, len(examples), 64)])
-    domains = [ex.domain for ex in examples]
-    nmi = domain_expert_nmi(trace, domains).to_dict() if len(set(domains)) > 1 else None
-    summary = {"model": moe.describe(), "num_examples": len(examples), "num_tokens": trace.num_tokens,
-               "expert_load": [trace.expert_load(l).tolist() for l in range(trace.num_layers)], "domain_nmi": nmi}
+    moe = load_model(args.model, **load_kwargs(args))
+    _loaded(moe)
+    bar = tqdm(total=None, desc="trace", unit="tok", unit_scale=True, file=sys.stderr)
+    said = []
+
+    def progress(p):
+        bar.total = p.tokens_total
+        bar.n = p.tokens_done
+        bar.set_postfix_str(f"{p.tokens_per_second:,.0f} tok/s")
+        bar.refresh()
+        if not said and p.batches_total > 1:     # measured on the first batch, before the long part
+            said.append(p.eta_seconds)
+            print(f"\n{p.tokens_total:,} tokens in {p.batches_total} batches; first batch {p.tokens_per_second:,.0f} "
+                  f"tokens/s on {moe.load_plan.device if moe.load_plan else moe.device}: about "
+                  f"{_duration(p.eta_seconds)} more (Ctrl-C stops)", file=sys.stderr)
+    summary = stream_routing(moe, examples, token_budget=args.token_budget, max_length=args.max_length,
+                             progress=progress)
+    bar.close()
+    out = {"model": moe.describe(), "num_examples": len(examples), **summary.to_dict(),
+           "load": None if moe.load_plan is None else moe.load_plan.to_dict()}
+    nmi = out["domain_nmi"]
     rows = [{"layer": l.index, "E": l.num_experts, "k": l.top_k,
-             "busiest": int(max(range(l.num_experts), key=lambda e: summary["expert_load"][i][e])),
-             "max_load": max(summary["expert_load"][i]), "min_load": min(summary["expert_load"][i]),
+             "busiest": int(max(range(l.num_experts), key=lambda e: out["expert_load"][i][e])),
+             "max_load": max(out["expert_load"][i]), "min_load": min(out["expert_load"][i]),
              **({"domain_nmi": nmi["nmi"][i]} if nmi else {})} for i, l in enumerate(moe.layers)]
-    print(f"{moe.family} · {len(moe.layers)} MoE layers · {trace.num_tokens} tokens from {len(examples)} examples")
+    size = "" if moe.load_plan is None else f" · {fmt_bytes(moe.load_plan.need_bytes)} {moe.load_plan.dtype}"
+    print(f"{moe.family} · {len(moe.layers)} MoE layers{size} · {summary.num_tokens} tokens from {len(examples)} "
+          f"examples in {summary.seconds:.1f} s ({summary.tokens_per_second:,.0f} tokens/s)")
     print(format_table(rows, list(rows[0])))
     if args.out:
-        atomic_write_json(Path(args.out), summary)
+        atomic_write_json(Path(args.out), out)
     return 0
 
 
@@ -132,6 +162,7 @@ def cmd_study(args) -> int:
     from .study import run_study
 
     report = run_study(quick=args.quick, out_dir=Path(args.out_dir), model=args.model, workers=args.workers,
+                       load=load_kwargs(args),
                        report_only=args.report_only,
                        seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None)
     path = Path(args.report) if args.report else Path(args.out_dir) / "findings.md"

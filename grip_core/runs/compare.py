@@ -88,7 +88,7 @@ def compare_in_processes(moe: MoEModel, model: str, data: UnlearningData, method
     cost = lambda c: (c[1] != "off", c[0] in ("npo", "graddiff"), c[1] == "drift")
     order = sorted(range(len(configs)), key=lambda i: cost(configs[i]), reverse=True)
     rows: list[dict | None] = [None] * len(configs)
-    with mp.get_context("spawn").Pool(max(1, min(workers, len(configs))), _worker_init, (model,)) as pool:
+    with mp.get_context("spawn").Pool(max(1, min(workers, len(configs))), _worker_init, (model, moe.load_kwargs())) as pool:
         baseline = Baseline.compute(moe, data, configs[0][2])           # meanwhile the workers load the model
         token = f"{os.getpid()}-{time.time_ns()}"                        # this compare's Baseline, in the workers
         tasks = [(data, baseline, token, *configs[i], runs_dir) for i in order]
@@ -105,13 +105,13 @@ _WORKER_MODEL: list[MoEModel] = []
 _WORKER_BASELINES: dict[str, Baseline] = {}
 
 
-def _worker_init(model: str) -> None:
+def _worker_init(model: str, load: dict | None = None) -> None:
     import torch
 
     from ..moe import load_model
 
     torch.set_num_threads(1)
-    _WORKER_MODEL.append(load_model(model))
+    _WORKER_MODEL.append(load_model(model, **(load or {})))
 
 
 def _compare_task(task: tuple) -> dict:

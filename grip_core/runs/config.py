@@ -29,7 +29,9 @@ class RunConfig:
     final_eval_examples: int = 0                     # examples per split in the final probes (0 = all)
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
-    save_weights: bool = False
+    save_weights: bool = False                       # keep the unlearned weights in the run folder (for Diagnose)
+    weights_format: str = "delta"                    # "delta": only the tensors that changed, plus the base's name
+                                                     # (loads with load_model / Diagnose); "full": a whole checkpoint
     label: str = ""
 
     def __post_init__(self):
@@ -37,6 +39,8 @@ class RunConfig:
             self.scope = ScopeConfig(**self.scope)
         if isinstance(self.grip, dict):
             self.grip = GRIPConfig(**self.grip)
+        if self.weights_format not in ("delta", "full"):
+            raise ValueError(f"weights_format must be 'delta' or 'full' (got {self.weights_format!r})")
         if self.steps < 0 or self.batch_size < 1:
             raise ValueError(f"steps must be >= 0 and batch_size >= 1 (got {self.steps}, {self.batch_size})")
 

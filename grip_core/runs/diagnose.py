@@ -8,8 +8,10 @@ hidden behind the router, not erased.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..moe import MoEModel
+from ..moe.delta import apply_checkpoint
 from .config import RunConfig
 from .data import UnlearningData
 from .evaluate import Baseline, evaluate_final
@@ -59,17 +61,30 @@ def verdict_from(headline: dict) -> tuple[str, str]:
     return "mixed", facts + " Verdict: MIXED. Part of the forgetting is undone by restoring the routers, part is not."
 
 
-def diagnose(base: MoEModel, unlearned: MoEModel, data: UnlearningData, seed: int = 0,
+def diagnose(base: MoEModel, unlearned: MoEModel | str | Path, data: UnlearningData, seed: int = 0,
              eval_examples: int = 64, final_eval_examples: int = 200) -> Diagnosis:
-    """Compare two checkpoints of the same architecture on forget/retain data.
+    """Compare a base model with an unlearned checkpoint of the same architecture on forget/retain data.
 
+    `unlearned` is either a checkpoint path (full, sharded, Hub or native layout, or a GRIP Studio
+    delta) or a loaded MoEModel. With a path, the base is measured first, then the checkpoint's
+    differing tensors are streamed INTO `base` (grip_core/moe/delta.py) and measured again: one
+    model in memory. The restoration attack swaps router rows only.
     Probes use at most `final_eval_examples` examples per split (0 = all): generation is the cost.
+
+    Footgun: with a path, `base` holds the UNLEARNED weights afterwards (the report says what changed).
     """
-    if [l.router_weight.shape for l in base.layers] != [l.router_weight.shape for l in unlearned.layers]:
+    in_place = not isinstance(unlearned, MoEModel)
+    if not in_place and [l.router_weight.shape for l in base.layers] != [l.router_weight.shape for l in unlearned.layers]:
         raise ValueError("the base and unlearned models have different MoE router shapes: not the same architecture")
     config = RunConfig(seed=seed, eval_examples=eval_examples, final_eval_examples=final_eval_examples,
                        scenario=data.name, steps=0)
     baseline = Baseline.compute(base, data, config)
-    report = evaluate_final(unlearned, base, baseline, data, config)
+    applied = None
+    if in_place:
+        applied = apply_checkpoint(base, unlearned)
+        report = evaluate_final(base, None, baseline, data, config)
+        report["checkpoint"] = applied.to_dict()
+    else:
+        report = evaluate_final(unlearned, base, baseline, data, config)
     verdict, paragraph = verdict_from(report["headline"])
     return Diagnosis(report, verdict, paragraph)

@@ -74,8 +74,14 @@ def evaluate_step(work: MoEModel, baseline: Baseline, data, config) -> dict:
 
 
 @torch.no_grad()
-def evaluate_final(work: MoEModel, base: MoEModel, baseline: Baseline, data, config, grip=None) -> dict:
-    """The full report: probes, routing (retain + forget), attribution, restoration attack, GRIP ranks."""
+def evaluate_final(work: MoEModel, base: MoEModel | None, baseline: Baseline, data, config, grip=None) -> dict:
+    """The full report: probes, routing (retain + forget), attribution, restoration attack, GRIP ranks.
+
+    Everything about the base model comes from `baseline`; `base` is only asked for its router
+    MODULES (attribution calls them with swapped-in weights), so `base=None` uses `work`'s, and a
+    checkpoint diagnosed in place (grip_core/runs/diagnose.py) needs one model in memory.
+    """
+    base = work if base is None else base
     final = {k: _cap(v, config.final_eval_examples) for k, v in data.splits().items()}
     probes = run_probes(work, final).to_dict()
     new_retain = _trace(work, data.retain_eval, baseline.max_length, keep_inputs=True)

@@ -196,7 +196,7 @@ def run_unlearning(moe: MoEModel, config: RunConfig, data: UnlearningData | None
             writer.write_tensors("router_deltas.safetensors", {
                 k: v - baseline.router_state[k] for k, v in work.router_state().items()})
             if config.save_weights:
-                writer.save_model(model, tok)
+                writer.save_model(model, tok, delta_of=moe if config.weights_format == "delta" else None)
         result_model = work
     except JobCancelled as exc:
         status, reason, summary, result_model = "cancelled", str(exc), {}, None

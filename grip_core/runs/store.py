@@ -91,11 +91,19 @@ class RunWriter:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, self.dir / name)
 
-    def save_model(self, model, tokenizer=None) -> None:
+    def save_model(self, model, tokenizer=None, delta_of=None) -> None:
+        """model/ in the run folder: a weight delta against `delta_of` (the base MoEModel), else a full checkpoint.
+
+        Both are written in the model's native layout (grip_core/moe/delta.py), which Diagnose streams
+        into the base model slice by slice.
+        """
+        from ..moe.delta import save_delta, save_native
+
         tmp = self.dir / ".model.tmp"
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        if delta_of is not None:
+            save_delta(model, delta_of.model.state_dict(), tmp, base=delta_of.name, tokenizer=tokenizer)
+        else:
+            save_native(model, tmp, tokenizer)
         os.replace(tmp, self.dir / "model")
 
     def close(self) -> None:

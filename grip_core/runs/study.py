@@ -157,21 +157,26 @@ def regime_aliases(moe, regimes: tuple[str, ...]) -> dict[str, str]:
 _MODELS: dict = {}
 
 
-def _load_cached(model: str):
+def _load_cached(model: str | tuple):
+    """One model per process. `model`: a load_model source, or (source, sorted load_model kwargs items)."""
     if model not in _MODELS:
-        _MODELS[model] = load_model(model)
+        name, kwargs = (model, ()) if isinstance(model, str) else model
+        _MODELS[model] = load_model(name, **dict(kwargs))
     return _MODELS[model]
 
 
 def run_study(quick: bool = False, out_dir: Path = Path("docs/study"), seeds: list[int] | None = None,
-              model: str = "demo", workers: int = 1, report_only: bool = False, grid: StudyGrid | None = None) -> str:
+              model: str = "demo", workers: int = 1, report_only: bool = False, grid: StudyGrid | None = None,
+              load: dict | None = None) -> str:
     """Run (or resume) the grid; return the markdown report.
 
     `report_only` builds the report from the cells already on disk (e.g. copied from a bigger machine).
     `workers` > 1 runs (seed, scenario, regime, method) tasks in parallel processes, one torch thread
     each (0 = one per core): every cell is seeded, so the numbers do not depend on the schedule.
     `grid` replaces the FULL / QUICK grid (e.g. a smaller one in tests).
+    `load`: load_model keyword arguments (device, dtype, device_map) for every process's model.
     """
+    model = (model, tuple(sorted((load or {}).items()))) if load else model
     grid = grid or (QUICK if quick else FULL)
     if seeds:
         grid = dataclasses.replace(grid, seeds=tuple(seeds))
