@@ -8,8 +8,7 @@ import torch
 from .errors import ModelLoadError
 from .model import MoEModel
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_MODEL_DIR = REPO_ROOT / "data" / "demo_model"
+from .._paths import DEMO_MODEL_DIR, REPO_ROOT  # noqa: F401  (re-exported; see grip_core/_paths.py)
 
 
 def _check_dir(path: Path) -> None:
