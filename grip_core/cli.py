@@ -39,7 +39,9 @@ def _add_common(p: argparse.ArgumentParser, scenario: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m grip_core", description="GRIP Studio: unlearning for MoE "
+    # `grip-studio` is the console script pyproject.toml installs; `python -m grip_core` the same CLI
+    prog = "grip-studio" if Path(sys.argv[0]).name == "grip-studio" else "python -m grip_core"
+    parser = argparse.ArgumentParser(prog=prog, description="GRIP Studio: unlearning for MoE "
                                      "models, with router constraints and forgot-or-rerouted diagnostics.")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -20,6 +20,18 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -r "$req"
   echo "$want" > "$stamp"
 fi
+# The project itself, editable, so that the notebooks and your own scripts import this checkout's
+# grip_core from anywhere. --no-deps: the requirements above are the environment. Redone when pyproject.toml
+# or the checkout's location changes.
+estamp=".venv/.installed-editable"
+ewant="$(sha256sum pyproject.toml | cut -d' ' -f1) $PWD"
+if [ "$(cat "$estamp" 2>/dev/null)" != "$ewant" ]; then
+  echo "installing grip_core into .venv in editable mode (pip install -e .)"
+  iso=""   # setuptools is in .venv (torch requires it): build offline with it
+  .venv/bin/python -c "import setuptools" 2>/dev/null && iso="--no-build-isolation"
+  .venv/bin/python -m pip install -q --no-deps $iso -e .
+  echo "$ewant" > "$estamp"
+fi
 if [ "$kind" = test ] && ! command -v chromium >/dev/null; then
   echo "installing Debian's chromium for the browser tests"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

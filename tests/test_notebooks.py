@@ -1,8 +1,8 @@
 """The teaching notebooks (notebooks/*.ipynb) run top to bottom and compute their key numbers.
 
 Each notebook is executed with nbclient in QUICK mode (GRIP_NOTEBOOK_QUICK=1: same code path, tiny
-step counts and evaluation sizes) on a kernel of THIS interpreter, so the venv's grip_core, torch and
-plotly are the ones exercised. Each notebook's last cell prints `key numbers: {json}`; the tests parse
+step counts and evaluation sizes) on a kernel of THIS interpreter, with this checkout first on its path,
+so this checkout's grip_core and the venv's torch and plotly are the ones exercised. Each notebook's last cell prints `key numbers: {json}`; the tests parse
 it and check that the numbers are computed (finite, in range, consistent), not merely that cells ran.
 The committed copies must carry their outputs (they are read on GitHub) and stay under 2 MB.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -36,8 +37,11 @@ def kernel(tmp_path_factory):
     from ipykernel.kernelspec import install
 
     prefix = tmp_path_factory.mktemp("jupyter")
+    # The notebooks import grip_core as an installed package (`pip install -e .`); the kernel gets this checkout
+    # first on its path so that the checkout under test is what runs, whether (and from wherever) it is installed.
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     install(kernel_name=KERNEL, display_name="GRIP Studio tests", prefix=str(prefix),
-            env={"GRIP_NOTEBOOK_QUICK": "1", "GRIP_NOTEBOOK_THREADS": "1"})
+            env={"GRIP_NOTEBOOK_QUICK": "1", "GRIP_NOTEBOOK_THREADS": "1", "PYTHONPATH": pythonpath})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
         for var in ("GRIP_NOTEBOOK_PNG", "GRIP_NOTEBOOK_IMAGES"):   # never write images from the tests

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._paths import WORLD_DIR  # data/world/ in a checkout, the packaged copy when installed
 from .examples import DataFileError, QAExample, read_qa_file
 
-WORLD_DIR = Path(__file__).resolve().parents[2] / "data" / "world"
 SCENARIOS = ("entities", "domain")
 
 

@@ -16,12 +16,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from .._paths import DATA_DIR as REPO_DATA  # the repo's data/ in a checkout (grip_core/_paths.py)
 from ..data import QAExample
 from .train import ModelSpec, TrainLog, TrainSpec, build_model, build_tokenizer, domain_experts, save_model, train_model
 from .verify import DemoReport, accuracy, evaluate_demo, load_demo
 from .world import DOMAINS, FORGET_DOMAIN, WorldConfig, generate_world, trained_facts, write_world
-
-REPO_DATA = Path(__file__).resolve().parents[2] / "data"
 
 
 def build(out: str | Path = REPO_DATA, quick: bool = False, seed: int = 0, progress: bool = True,

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .._paths import DEMO_MODEL_DIR  # data/demo_model/ in a checkout, the packaged copy when installed
 from ..data import QAExample, encode_qa, exact_match, generate_answers, load_demo_world
-
-DEMO_MODEL_DIR = Path(__file__).resolve().parents[2] / "data" / "demo_model"
 
 
 def load_demo(path: str | Path = DEMO_MODEL_DIR):

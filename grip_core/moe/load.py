@@ -24,8 +24,7 @@ from .errors import ModelLoadError
 from .memory import LoadPlan, ensure_fits, plan_load
 from .model import MoEModel
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_MODEL_DIR = REPO_ROOT / "data" / "demo_model"
+from .._paths import DEMO_MODEL_DIR, REPO_ROOT  # noqa: F401  (re-exported; see grip_core/_paths.py)
 
 
 def resolve_path(name_or_path: str | Path) -> Path:

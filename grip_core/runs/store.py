@@ -24,9 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..moe.load import REPO_ROOT
-
-DEFAULT_RUNS_DIR = REPO_ROOT / "runs"
+from .._paths import DEFAULT_RUNS_DIR  # <repo>/runs in a checkout, ./runs when pip-installed
 
 
 def atomic_write_text(path: Path, text: str) -> None:
