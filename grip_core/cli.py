@@ -18,12 +18,18 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device-map", default=None,
                    help="auto / balanced / sequential: accelerate's big-model loading over GPUs, CPU and disk")
     g.add_argument("--offload-folder", default=None, help="with --device-map: where weights that fit nowhere go")
+    g.add_argument("--max-memory", type=float, default=None, metavar="GB",
+                   help="use at most this many GB on the device (a shared machine); with --device-map, the rest "
+                        "is offloaded")
 
 
 def load_kwargs(args) -> dict:
     """The load_model keyword arguments the loading flags ask for."""
+    if args.max_memory is not None and args.max_memory <= 0:
+        raise ValueError(f"--max-memory {args.max_memory}: give a positive number of GB")
     return {"device": args.device, "dtype": args.dtype, "device_map": args.device_map,
-            "offload_folder": args.offload_folder}
+            "offload_folder": args.offload_folder,
+            "max_memory": None if args.max_memory is None else int(args.max_memory * 1e9)}
 
 
 def _add_common(p: argparse.ArgumentParser, scenario: bool = True) -> None:
@@ -78,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retain-file", required=True)
     p.add_argument("--holdout-file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-examples", type=int, default=200,
+                   help="examples per split in the probes (0 = all; generation is the cost at real width)")
     p.add_argument("--out", help="write the report as JSON here")
 
     p = sub.add_parser("trace", help="routing summary of a model on a file")

@@ -51,7 +51,7 @@ def _remote_code_refusal(path: Path, exc: Exception) -> ModelLoadError | None:
                           "model code), and GRIP Studio never runs code that comes with a checkpoint")
 
 
-def _from_pretrained(path: Path, plan: LoadPlan, offload_folder: str | None):
+def _from_pretrained(path: Path, plan: LoadPlan, offload_folder: str | None, max_memory: int | None):
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(trust_remote_code=False, use_safetensors=True, dtype=getattr(torch, plan.dtype),
@@ -60,6 +60,9 @@ def _from_pretrained(path: Path, plan: LoadPlan, offload_folder: str | None):
         kwargs["device_map"] = plan.device_map
         if offload_folder:
             kwargs["offload_folder"] = offload_folder
+        if max_memory:
+            dev = 0 if plan.device.startswith("cuda") else "cpu"
+            kwargs["max_memory"] = {dev: int(max_memory)}
     elif plan.device.startswith("cuda"):
         kwargs["device_map"] = {"": plan.device}      # weights go straight to the GPU, never via CPU memory
     if plan.device == "cpu" and not plan.device_map:
@@ -79,12 +82,15 @@ def _from_pretrained(path: Path, plan: LoadPlan, offload_folder: str | None):
 
 def load_model(name_or_path: str | Path = "demo", device: str | torch.device | None = "auto",
                dtype: str | torch.dtype | None = "auto", device_map: str | None = None,
-               offload_folder: str | None = None, check_memory: bool = True) -> MoEModel:
+               offload_folder: str | None = None, check_memory: bool = True,
+               max_memory: int | None = None) -> MoEModel:
     """Load `"demo"` (the shipped demo MoE), a local checkpoint directory or a delta folder, never from a hub.
 
     device: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available). dtype: "float32", "bfloat16",
     "float16", a torch.dtype, or "auto" (bf16 on CUDA; fp32 on CPU when it fits, else bf16).
     device_map: None, or "auto" / "balanced" / "sequential" for accelerate's big-model loading.
+    max_memory: bytes this load may use on the device (default: what is free); with a device_map,
+    accelerate offloads what does not fit in it.
     A model that does not fit raises ModelTooLargeError before any weight is read (check_memory).
     A missing/incomplete/corrupt directory raises ModelLoadError naming the path; a model
     without MoE blocks raises NotAnMoEModelError.
@@ -98,15 +104,15 @@ def load_model(name_or_path: str | Path = "demo", device: str | torch.device | N
     if is_delta_dir(path):                              # base first, then the changed tensors in place
         manifest = read_delta_manifest(path)
         moe = load_model(manifest["base"], device=device, dtype=dtype, device_map=device_map,
-                         offload_folder=offload_folder, check_memory=check_memory)
+                         offload_folder=offload_folder, check_memory=check_memory, max_memory=max_memory)
         apply_checkpoint(moe, path)
         moe.name = str(path)
         return moe
-    plan = plan_load(path, device, dtype, device_map)
+    plan = plan_load(path, device, dtype, device_map, max_memory=max_memory)
     if check_memory:
         ensure_fits(plan)
     try:
-        model = _from_pretrained(path, plan, offload_folder)
+        model = _from_pretrained(path, plan, offload_folder, max_memory)
     except Exception as exc:  # corrupt weights, unknown architecture, ...
         refusal = _remote_code_refusal(path, exc)
         if refusal is not None:

@@ -192,16 +192,20 @@ class LoadPlan:
 
 
 def plan_load(path: str | Path, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto",
-              device_map: str | None = None, free_bytes: int | None = None) -> LoadPlan:
+              device_map: str | None = None, free_bytes: int | None = None,
+              max_memory: int | None = None) -> LoadPlan:
     """Resolve "auto" and estimate memory for loading the checkpoint directory `path`.
 
     dtype "auto": bfloat16 on CUDA; on CPU float32 when it fits in free memory (bfloat16 matmuls are
-    ~3x slower on most CPUs), else bfloat16 when that fits. `free_bytes` overrides the measured free
-    memory (tests, "what if" questions). Never raises for size: check `plan.fits` / `ensure_fits`.
+    ~3x slower on most CPUs), else bfloat16 when that fits. `free_bytes` replaces the measured free
+    memory ("what if" questions); `max_memory` caps it (a limit the user sets on a shared machine).
+    Never raises for size: check `plan.fits` / `ensure_fits`.
     """
     weights = read_weights_info(path)
     dev = resolve_device(device)
     free = free_memory(dev) if free_bytes is None else int(free_bytes)
+    if max_memory is not None:
+        free = min(free, int(max_memory))
     want, note = parse_dtype(dtype), ""
     if want is None:
         if dev.type == "cuda":

@@ -82,3 +82,39 @@ def build_real_width_checkpoint(out_dir, num_layers: int = 2, seed: int = 0, dty
     tok.save_pretrained(out)
     del model
     return out
+
+
+def perturb_checkpoint(src, dst, router_scale: float = 0.5, expert_rows: int = 1, seed: int = 0):
+    """Copy checkpoint `src` to `dst`, then change its routers and expert 0 of every layer: an "unlearned" twin.
+
+    Only the shards holding a changed tensor are rewritten (one shard in memory at a time); the
+    others are copied byte for byte. Router weights get Gaussian noise of `router_scale` times their
+    std; expert 0's first `expert_rows` rows of every expert tensor are negated. For tests of the
+    in-place diagnose path at real width.
+    """
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    for shard in sorted(dst.glob("*.safetensors")):
+        tensors = load_file(str(shard))
+        hit = False
+        for key, t in tensors.items():
+            if key.endswith("mlp.gate.weight"):                                   # the router (E, d)
+                noise = torch.randn(t.shape, generator=gen) * float(t.float().std()) * router_scale
+                tensors[key] = (t.float() + noise).to(t.dtype)
+                hit = True
+            elif ".experts.0." in key or (key.endswith(("gate_up_proj", "down_proj")) and ".experts." in key
+                                          and t.dim() == 3):
+                t = t.clone()
+                (t[:expert_rows] if ".experts.0." in key else t[0, :expert_rows]).neg_()
+                tensors[key] = t
+                hit = True
+        if hit:
+            save_file(tensors, str(shard), metadata={"format": "pt"})
+        del tensors
+    return dst

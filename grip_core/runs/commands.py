@@ -102,7 +102,9 @@ def cmd_diagnose(args) -> int:
     data = UnlearningData.from_files(args.forget_file, args.retain_file, args.holdout_file, seed=args.seed)
     base = load_model(args.base, **load_kwargs(args))
     _loaded(base)
-    d = diagnose(base, args.unlearned, data, seed=args.seed)      # streams the unlearned tensors into `base`
+    n = args.eval_examples
+    d = diagnose(base, args.unlearned, data, seed=args.seed, eval_examples=min(n, 64) if n else 64,
+                 final_eval_examples=n)                            # streams the unlearned tensors into `base`
     ck = d.report.get("checkpoint", {})
     print(f"applied {args.unlearned}: {ck.get('tensors_changed')} of {ck.get('tensors_read')} tensors differ "
           f"({ck.get('layout')} layout, {ck.get('seconds', 0):.1f} s)", file=sys.stderr)
