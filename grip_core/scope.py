@@ -2,7 +2,7 @@
 
 A scope freezes everything outside it (requires_grad=False) and splits what is
 inside into three optimizer groups, so that the routers' learning rate can be
-set apart (GRIP.md §5: the router shortcut appears only with routers at ×30):
+set apart (docs/method.md#what-the-probes-found: the router shortcut appears only with routers at ×30):
 
     routers  the router weights (and biases) of every MoE layer
     experts  every other parameter of an MoE block: routed experts, shared

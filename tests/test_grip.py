@@ -1,7 +1,7 @@
 """GRIP adapter (grip_core/grip): the core promise, modes, near ties, bias, thresholds, correction, memory.
 
 Tiny random models (d 64, 2 MoE layers, 8 experts, top-2); routers trained alone with Adam
-on gradient ascent, as in GRIP.md §2. Expected numbers are computed here, never hard-coded.
+on gradient ascent, as in docs/method.md#grip. Expected numbers are computed here, never hard-coded.
 """
 import copy
 from functools import lru_cache

@@ -1,7 +1,7 @@
 """Each unlearning loss against a hand computation on a tiny OLMoE with fixed inputs.
 
 The hand versions take logits / hidden states straight from the model and apply
-the formulas of GRIP.md §3 token by token with explicit torch ops, sharing no
+the formulas of docs/method.md#unlearning-methods token by token with explicit torch ops, sharing no
 code with grip_core.methods.
 """
 import copy
@@ -176,7 +176,7 @@ def test_npo(models, forget, retain):
 def test_simnpo(models, forget, retain):
     model, _ = models
     d = M.SimNPOArgs()
-    assert (d.beta, d.delta, d.gamma, d.alpha) == (4.5, 0.0, 0.125, 1.0)  # GRIP.md §3
+    assert (d.beta, d.delta, d.gamma, d.alpha) == (4.5, 0.0, 0.125, 1.0)  # docs/method.md#unlearning-methods
     beta, delta, gamma, alpha = 4.5, 0.3, 0.125, 0.8
     m = get_method("simnpo", delta=delta, alpha=alpha)
     assert not m.needs_reference

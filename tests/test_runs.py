@@ -145,6 +145,9 @@ def test_verdict_thresholds_are_applied_to_numbers():
     assert verdict_from({**h, "restoration_recovered": 0.8})[0] == "rerouted"
     assert verdict_from({**h, "restoration_recovered": 0.3})[0] == "mixed"
     assert verdict_from({**h, "forget_em": 0.8})[0] == "not forgotten"
+    assert verdict_from({**h, "forget_em": 0.2})[0] == "partially erased"      # forgot, but not below the target
+    assert verdict_from({**h, "base_forget_em": 0.0, "forget_em": 0.0})[0] == "cannot diagnose"
+    assert verdict_from({**h, "retain_em": 0.0})[0] == "collapsed"         # (case by case: tests/test_verdict.py)
 
 
 @pytest.mark.parametrize("argv, message", [

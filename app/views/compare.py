@@ -1,6 +1,7 @@
 """Page 5 — Compare: two saved runs (or base vs one run), every figure side by side, from saved summaries only."""
 from __future__ import annotations
 
+from html import escape
 from pathlib import Path
 
 import streamlit as st
@@ -55,9 +56,16 @@ for n, r in zip(names, loaded):
                    "only its step log can be shown.", icon=":material/warning:")
 
 # ----------------------------------------------------------------------------- the headline
-sentence = viz.compare_sentence({n: (r.summary, r.config) for n, r in zip(names, loaded)})
-st.markdown(f"<div style='font-size:1.35rem;line-height:1.5;padding:0.9rem 1.1rem;border-left:6px solid "
-            f"{viz.GRIP};background:#F3F7FB;border-radius:6px;margin:0.4rem 0 1rem 0'>{sentence}</div>",
+# One verdict per run (grip_core.runs.verdict: the same words as Diagnose and the CLI), then the trade-off.
+verdicts = {n: viz.run_verdict(r.summary) for n, r in zip(names, loaded)}
+lines = [f"<b>{escape(n)}</b> — <b style='color:{viz.VERDICT_COLORS.get(v.kind, viz.BASE)}'>{v.title}</b>. "
+         f"{escape(v.sentence)}" if v else f"<b>{escape(n)}</b> has no final summary yet."
+         for n, v in verdicts.items()]
+done = {n: v for n, v in verdicts.items() if v}
+if len(done) > 1:
+    lines.append(escape(viz.tradeoff_sentence(done)))
+st.markdown(f"<div style='font-size:1.15rem;line-height:1.5;padding:0.9rem 1.1rem;border-left:6px solid "
+            f"{viz.GRIP};background:#F3F7FB;border-radius:6px;margin:0.4rem 0 1rem 0'>{'<br><br>'.join(lines)}</div>",
             unsafe_allow_html=True)
 heads = viz.runs_table({n: (r.summary, r.config) for n, r in zip(names, loaded)})
 ui.table(heads, "cmp_heads", "runs-headline", display=viz.percent_strings(heads))

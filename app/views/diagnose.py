@@ -73,26 +73,38 @@ if go and _diagnose is not None:
         with tempfile.TemporaryDirectory() as tmp, st.status("Diagnosing …", expanded=True) as box:
             try:
                 from grip_core import load_model
+                from grip_core.metrics.probes import exact_match_accuracy
+                from grip_core.runs.verdict import base_knowledge_warning
 
                 box.write("Reading the forget / retain data …")
                 data = _data(Path(tmp), int(n_examples), 0)
                 box.write(f"Loading the base model `{base.strip()}` …")
                 base_moe = (state.private_copy(base.strip()) if base.strip() == state.current_source()
                             else load_model(base.strip()))
-                box.write(f"Loading the unlearned model `{unlearned.strip()}` …")
-                new_moe = load_model(unlearned.strip())
-                box.write("Measuring: probes, routing of both models, attribution, restoration attack …")
-                result = _diagnose(base_moe, new_moe, data, seed=0, eval_examples=int(n_examples))
-                st.session_state["dg_report"] = result.to_dict()
-                box.update(label=f"Diagnosis complete: {result.verdict}", state="complete", expanded=False)
+                box.write("Checking that the base model knows the forget set …")
+                unknown = base_knowledge_warning(exact_match_accuracy(base_moe, data.forget), len(data.forget))
+                st.session_state["dg_warning"] = unknown
+                if unknown:   # the verdict would be "cannot diagnose": say so now, skip the slow part
+                    st.session_state.pop("dg_report", None)
+                    box.update(label="Cannot diagnose: the base model does not know the forget set", state="error",
+                               expanded=False)
+                else:
+                    box.write(f"Loading the unlearned model `{unlearned.strip()}` …")
+                    new_moe = load_model(unlearned.strip())
+                    box.write("Measuring: probes, routing of both models, attribution, restoration attack …")
+                    result = _diagnose(base_moe, new_moe, data, seed=0, eval_examples=int(n_examples))
+                    st.session_state["dg_report"] = result.to_dict()
+                    box.update(label=f"Diagnosis complete: {result.verdict}", state="complete", expanded=False)
             except Exception as exc:  # noqa: BLE001
                 box.update(label="Diagnosis failed", state="error")
                 st.error(f"**Could not diagnose** — {ui.error_message(exc)}", icon=":material/error:")
 
+if st.session_state.get("dg_warning"):
+    st.warning(f"**Cannot diagnose.** {st.session_state['dg_warning']}", icon=":material/warning:")
 report = st.session_state.get("dg_report")
 if report:
-    verdict = str(report.get("verdict", ""))
-    color = {"rerouted": viz.VANILLA, "erased": "#009E73", "mixed": "#E69F00"}.get(verdict, viz.BASE)
+    verdict = str(report.get("verdict", ""))       # a kind of grip_core.runs.verdict (docs/method.md, Verdicts)
+    color = viz.VERDICT_COLORS.get(verdict, viz.BASE)
     st.markdown(f"<div style='font-size:1.6rem;font-weight:700;color:{color}'>{verdict.upper()}</div>"
                 f"<div style='font-size:1.1rem;line-height:1.5;padding:0.8rem 1rem;border-left:6px solid {color};"
                 f"background:#F6F8FA;border-radius:6px;margin-bottom:1rem'>{report.get('paragraph', '')}</div>",
@@ -112,7 +124,7 @@ if report:
         ui.figure(viz.stability_bars(s["layers"], s, name="unlearned"), key="dg_attr", file_name="diagnose-attribution")
     rest = viz.restoration_table({"unlearned": summary})
     if not rest.empty:
-        ui.table(rest, "dg_rest", "diagnose-restoration")
+        ui.table(rest, "dg_rest", "diagnose-restoration", display=viz.percent_strings(rest))
     probes = viz.probes_table({"unlearned": summary})
     if not probes.empty:
         ui.table(probes, "dg_probes", "diagnose-probes")

@@ -87,7 +87,7 @@ with st.container(border=True):
                          disabled=busy)
     router_mult = c3.number_input("Router lr ×", value=float(preset.scope.router_lr_mult), min_value=0.0,
                                   key=f"ul_rmult_{preset_name}", disabled=busy,
-                                  help="×30 is where the probes found the router shortcut (GRIP.md §5)")
+                                  help="×30 is where the probes found the router shortcut (docs/method.md#what-the-probes-found)")
     steps = int(c4.number_input("Steps", value=60, min_value=1, max_value=2000, step=10, key="ul_steps", disabled=busy))
     seed = int(c5.number_input("Seed", value=0, min_value=0, step=1, key="ul_seed", disabled=busy))
 
@@ -111,7 +111,7 @@ with st.container(border=True):
                                  help="scale: closed-form α per row (fast); kaczmarz: projection (tighter)")
     drift_every = int(g5.number_input("Drift correction every", value=0, min_value=0, step=5, key="ul_grip_drift",
                                       disabled=busy, help="drift-aware GRIP: every N steps re-capture the retained "
-                                      "router inputs and steer the routers back (0 = off; GRIP.md §2, §5)"))
+                                      "router inputs and steer the routers back (0 = off; docs/method.md#drift-aware-grip)"))
 
 with st.expander("Batch and evaluation"):
     a1, a2, a3, a4 = st.columns(4)

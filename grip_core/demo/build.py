@@ -113,7 +113,7 @@ def write_model_card(path: Path, s: dict, log: TrainLog, r: DemoReport) -> None:
 
 A tiny OLMoE (`OlmoeForCausalLM`, transformers config) trained from scratch on the invented
 world in `data/world/`. Its experts hold domains on purpose, so unlearning can be checked for
-the router shortcut (GRIP.md §5). Rebuild: `python -m grip_core.demo.build{" --quick" if s["quick"] else ""}` (seed {s["seed"]}).
+the router shortcut (docs/method.md#what-the-probes-found). Rebuild: `python -m grip_core.demo.build{" --quick" if s["quick"] else ""}` (seed {s["seed"]}).
 All figures below were computed by `grip_core.demo.verify` on the shipped (bf16) weights.
 
 ## Model

@@ -1,7 +1,7 @@
 """The demo model's recipe: a world tokenizer, a tiny OLMoE trained from scratch, bf16 safetensors.
 
 Why an auxiliary routing loss: trained from scratch on a few thousand facts, an MoE's
-experts do NOT specialise by domain by themselves (GRIP.md §5: NMI 0.02-0.08, as at
+experts do NOT specialise by domain by themselves (docs/method.md#what-the-probes-found: NMI 0.02-0.08, as at
 random init), so there would be no expert that "holds" a domain and no router shortcut to
 study. Early in training we pull each token's router softmax toward its domain's experts
 (-log of the probability mass on them), then anneal that pull to 0 by `aux_until` of the

@@ -1,4 +1,4 @@
-"""GRIP: keep retained expert selection stable while any unlearning method trains (GRIP.md §2).
+"""GRIP: keep retained expert selection stable while any unlearning method trains (docs/method.md#grip).
 
     grip = GRIP.fit(moe, retain_batches, GRIPConfig())
     optimizer = grip.wrap(optimizer)   # the canonical idiom; then loss.backward(); optimizer.step()

@@ -1,4 +1,4 @@
-"""GRIP, the adapter: constrain router updates of ANY unlearning loop (GRIP.md §2).
+"""GRIP, the adapter: constrain router updates of ANY unlearning loop (docs/method.md#grip).
 
 The canonical idiom (one code path for the job runner, a Trainer, user loops):
 
@@ -220,7 +220,7 @@ class GRIP:
     # ---- corrections --------------------------------------------------------------------------
     @torch.no_grad()
     def post_training_correction(self, moe=None, retain_batches=None, reference=None) -> dict:
-        """Closed-form ridge toward the ORIGINAL scores (GRIP.md §2), kept per layer if cos ≥ min_cos.
+        """Closed-form ridge toward the ORIGINAL scores (docs/method.md#drift-aware-grip), kept per layer if cos ≥ min_cos.
 
         Default: the stored probe and its original scores. With `retain_batches`, pass
         `reference` (the original MoEModel) to score them. One streaming pass; d' x d' solves.

@@ -1,7 +1,7 @@
-"""GRIPConfig: every knob of the GRIP adapter, typed and validated (GRIP.md §2).
+"""GRIPConfig: every knob of the GRIP adapter, typed and validated (docs/method.md#grip).
 
 Defaults follow the paper (absolute threshold 1e-2, margin ε 1e-2, ridge λ 1e-6).
-The threshold decides whether GRIP is plastic at all (GRIP.md §5): at d ≈ 128 the
+The threshold decides whether GRIP is plastic at all (docs/method.md#threshold-absolute-or-relative): at d ≈ 128 the
 absolute threshold acts as a numerical-rank test and freezes most router rows
 beyond layer 0, while a relative threshold (99.9 % energy) leaves many free
 dimensions. `GRIPState.rank_table(kind, value)` shows that trade-off without a refit.
@@ -27,7 +27,7 @@ class GRIPConfig:
                    any optimizer, Adam included (its step is not linear in the gradient).
         "gradient" project the routers' .grad BEFORE optimizer.step(): exact for plain SGD
                    only; margins need the step size, so only constraint 1 is applied. For
-                   comparison (GRIP.md §2: "show the difference").
+                   comparison (docs/method.md#update-or-gradient).
         "off"      never writes anything; still records the same per-step fields (what the
                    update WOULD violate), so vanilla runs log like GRIP runs.
     threshold_kind / eps_null / energy

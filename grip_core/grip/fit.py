@@ -1,4 +1,4 @@
-"""Fitting GRIP's retained statistics in ONE streaming pass (GRIP.md §2).
+"""Fitting GRIP's retained statistics in ONE streaming pass (docs/method.md#grip).
 
 Per MoE layer and expert j we accumulate the Gram matrix G_j = X_j X_jᵀ (d' x d', float64)
 of the retained router inputs whose ORIGINAL top-k contains j, so memory grows with
@@ -97,7 +97,7 @@ class GRIPState:
 
     @property
     def mean_free_dims(self) -> torch.Tensor:
-        """(L,) float: mean null-space rank per layer (GRIP.md §5 reports this)."""
+        """(L,) float: mean null-space rank per layer (docs/method.md#null-space-rank)."""
         return self.null_space_rank.float().mean(1)
 
     def rank_table(self, kind: str, value: float) -> torch.Tensor:

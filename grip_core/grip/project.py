@@ -1,4 +1,4 @@
-"""The projection math of GRIP (GRIP.md §2), vectorised over the E experts of a layer.
+"""The projection math of GRIP (docs/method.md#grip), vectorised over the E experts of a layer.
 
 Notation, per MoE layer: E experts, d' = router input width (d, or d + 1 when the router
 has a bias), M stored margin rows. A router update is u (E, d'): row j changes expert j's

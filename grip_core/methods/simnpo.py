@@ -23,7 +23,7 @@ from .graddiff import GradDiff, GradDiffArgs
 
 @dataclass
 class SimNPOArgs(GradDiffArgs):
-    gamma: float = 0.125  # forget weight (GRIP.md §3)
+    gamma: float = 0.125  # forget weight (docs/method.md#unlearning-methods)
     beta: float = 4.5
     delta: float = 0.0  # reward margin
 

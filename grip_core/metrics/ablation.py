@@ -2,7 +2,7 @@
 
 If a domain's answers vanish when its experts are zeroed while every other domain
 survives, those experts HOLD the domain, the precondition of the router shortcut
-(§5: zeroing a domain's two experts dropped it to 0.20-0.51 EM, others stayed >= 0.95).
+(docs/method.md#what-the-probes-found: zeroing a domain's two experts dropped it to 0.20-0.51 EM, others stayed >= 0.95).
 
 Transformers 5 fuses a block's experts into 3-D tensors with the expert on dim 0:
 gate_up_proj (E, 2I, d) or (E, d, 2I), down_proj (E, d, I) or (E, I, d), GPT-OSS adds

@@ -14,6 +14,7 @@ from ..moe import load_model
 from .compare import TABLE_COLUMNS, compare, compare_in_processes, format_table, make_config
 from .data import UnlearningData
 from .store import atomic_write_json, atomic_write_text
+from .verdict import verdict
 
 
 def _data(args) -> UnlearningData:
@@ -81,8 +82,10 @@ def cmd_run(args) -> int:
     result = run_unlearning(moe, config, _data(args), runs_dir=args.runs_dir,
                             progress=lambda row: (bar.update(1), bar.set_postfix(loss=f"{row['loss']:.3f}")))
     bar.close()
+    headline = result.summary.get("headline", {})
+    v = verdict(headline) if headline else None             # the one verdict (docs/method.md, Verdicts)
     print(json.dumps({"status": result.status, "reason": result.reason, "run_dir": str(result.run_dir),
-                      **result.summary.get("headline", {})}, indent=2))
+                      **headline, **({"verdict": v.kind, "verdict_sentence": v.sentence} if v else {})}, indent=2))
     return 0 if result.status == "completed" else 1
 
 

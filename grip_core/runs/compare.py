@@ -13,6 +13,7 @@ from .data import UnlearningData
 from .evaluate import Baseline
 from .job import RunResult, run_unlearning
 from .presets import get_preset
+from .verdict import verdict
 
 # CLI/UI names of GRIP modes -> GRIPConfig overrides ("drift" = update mode + drift correction every 10 steps)
 GRIP_MODES: dict[str, dict] = {
@@ -25,7 +26,7 @@ GRIP_MODES: dict[str, dict] = {
 
 TABLE_COLUMNS = ["method", "grip", "status", "steps", "forget_em", "retain_em", "holdout_em", "membership_auc",
                  "retain_stability", "retain_stability_router_only", "retain_stability_drift_only", "forget_shift",
-                 "restoration_recovered", "step_ms", "grip_ms", "run_dir"]
+                 "restoration_recovered", "verdict", "step_ms", "grip_ms", "run_dir"]
 
 
 def grip_config(mode_name: str, seed: int = 0, **overrides) -> GRIPConfig:
@@ -49,6 +50,8 @@ def result_row(method: str, grip_mode: str, result: RunResult) -> dict:
     t = result.summary.get("timing", {})
     row = {"method": method, "grip": grip_mode, "status": result.status, "steps": result.steps_done,
            **{k: h.get(k) for k in TABLE_COLUMNS if k in h},
+           "base_forget_em": h.get("base_forget_em"), "base_retain_em": h.get("base_retain_em"),
+           "verdict": verdict(h).kind if h else None,          # grip_core.runs.verdict (docs/method.md, Verdicts)
            "step_ms": t.get("step_ms_median"), "grip_ms": t.get("grip_ms_median"),
            "run_dir": str(result.run_dir) if result.run_dir else None, "reason": result.reason}
     return row

@@ -1,4 +1,4 @@
-"""Named training regimes (scope + learning rates), from what GRIP.md §5 measured.
+"""Named training regimes (scope + learning rates), from what the probes measured (docs/method.md#what-the-probes-found).
 
 A preset is a starting point that the CLI, the dashboard and the study share, so that
 "the shortcut regime" means the same numbers everywhere.

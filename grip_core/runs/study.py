@@ -8,7 +8,8 @@ chosen by a fixed rule, never by looking at GRIP: the smallest rate of the grid'
 at which VANILLA unlearning (first seed) brings forget EM below `FORGET_TARGET` within
 `max_steps`; GRIP runs then use the same rate. A regime that trains the same parameters as
 an earlier one on this model is run once and reported under both names (`regime_aliases`).
-The report is built from the cells.
+The report is built from the cells; each (method, GRIP mode) row gets the one verdict
+(grip_core.runs.verdict, docs/method.md "Verdicts") of its mean over seeds.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..fmt import pct
 from ..moe import load_model
 from ..scope import classify_parameters, scope_parameter_names
 from .compare import make_config, result_row
@@ -32,12 +34,11 @@ from .evaluate import Baseline
 from .job import run_unlearning
 from .presets import get_preset
 from .store import atomic_write_json
+from .verdict import FORGET_TARGET, STABLE_RETAIN, verdict
 
-FORGET_TARGET = 0.10
 MAX_STEPS = 200
 LR_LADDER = (1e-4, 3e-4, 1e-3)
-CLAIM_STABILITY = 0.95      # the paper's bar
-SHORTCUT_RECOVERY = 0.5     # restoration brings back >= half of the forgotten answers
+CLAIM_STABILITY = STABLE_RETAIN   # the paper's bar (the verdict's, grip_core.runs.verdict)
 
 
 @dataclass(frozen=True)
@@ -284,7 +285,14 @@ def study_report(cells: list[dict], grid: StudyGrid, quick: bool, aliases: dict[
              f"per (scenario, regime, method): the smallest of {list(grid.lr_ladder)} at which vanilla unlearning "
              f"reaches forget EM < {FORGET_TARGET} within {grid.max_steps} steps (else the largest); every run stops "
              f"once forget EM < {FORGET_TARGET} (checked every {grid.eval_every} steps) or at {grid.max_steps} steps. Mean ± sd over "
-             "seeds. Stability is measured on retained questions held out of training and of GRIP's fit.", ""]
+             "seeds. Stability is measured on retained questions held out of training and of GRIP's fit. Each "
+             "finding carries the verdict (docs/method.md#verdicts) of its row's mean.", ""]
+    no_base = sum(1 for c in cells if c.get("base_forget_em") is None)
+    if no_base:
+        lines += [f"{no_base} cells were saved without the base model's exact match (made before it was kept): "
+                  f"their verdicts can only see forgetting that reached forget EM < {FORGET_TARGET}, so a row "
+                  "above the target reads NOT FORGOTTEN however far it fell. Re-run those cells for full verdicts.",
+                  ""]
     findings = []
     for (scenario, regime), group in sorted(_group(cells, "scenario", "regime").items()):
         lines += [f"## {scenario} scenario · {regime} regime", ""]
@@ -303,21 +311,22 @@ def study_report(cells: list[dict], grid: StudyGrid, quick: bool, aliases: dict[
                          " | ".join(_agg([c.get(k) for c in cs]) for k, _ in _METRICS) + " |")
             if regime in aliases:
                 continue
+            mean = {k: _mean(cs, k) for k in _VERDICT_KEYS}
+            v = verdict(mean)
+            rec, fem, rem = mean["restoration_recovered"], mean["forget_em"], mean["retain_em"]
+            where = f"({scenario}/{regime}/{method})"
             if mode == "off":
-                rec, fem = _mean(cs, "restoration_recovered"), _mean(cs, "forget_em")
-                if rec is not None and fem is not None and rec >= SHORTCUT_RECOVERY and fem < FORGET_TARGET * 2:
-                    findings.append(f"- **Shortcut** ({scenario}/{regime}/{method}): vanilla reached forget EM "
-                                    f"{fem:.3f} and restoring the original routers recovered {rec:.0%} of it; retain "
-                                    f"EM {_mean(cs, 'retain_em'):.3f}.")
+                if v.kind in ("rerouted", "collapsed"):
+                    findings.append(f"- **{'Shortcut' if v.kind == 'rerouted' else 'Collapsed'}** {where}: verdict "
+                                    f"{v.title} — vanilla reached forget EM {_f3(fem)}, restoring the original "
+                                    f"routers recovered {pct(rec)} of it; retain EM {_f3(rem)}.")
             else:
-                stab, rec = _mean(cs, "retain_stability"), _mean(cs, "restoration_recovered")
-                ro, fem = _mean(cs, "retain_stability_router_only"), _mean(cs, "forget_em")
-                holds = stab is not None and stab >= CLAIM_STABILITY and (rec or 0) <= 0.05 and \
-                    fem is not None and fem < FORGET_TARGET
-                findings.append(f"- GRIP {mode} ({scenario}/{regime}/{method}): retained stability {stab:.3f} "
-                                f"(router-only {ro:.3f}), restoration recovers {rec:.0%}, forget EM {fem:.3f} → "
-                                f"paper's claim {'HOLDS' if holds else 'does NOT hold'} here"
-                                + ("" if holds else _why_not(stab, rec, fem, grid.max_steps)) + ".")
+                stab, ro = mean["retain_stability"], mean["retain_stability_router_only"]
+                holds = v.kind == "erased" and stab is not None and stab >= CLAIM_STABILITY
+                findings.append(f"- GRIP {mode} {where}: retained stability {_f3(stab)} (router-only {_f3(ro)}), "
+                                f"restoration recovers {pct(rec)}, forget EM {_f3(fem)}, retain EM {_f3(rem)} → "
+                                f"verdict {v.title}; paper's claim {'HOLDS' if holds else 'does NOT hold'} here"
+                                + ("" if holds else _why_not(v, stab, grid.max_steps)) + ".")
         lines.append("")
     lines += ["## Findings (computed from the table rows above)", ""] + (findings or ["- no cells yet"])
     return "\n".join(lines) + "\n"
@@ -327,12 +336,24 @@ def _grid_size(grid: StudyGrid) -> int:
     return len(grid.scenarios) * len(grid.regimes) * len(grid.methods) * len(grid.grip_modes) * len(grid.seeds)
 
 
-def _why_not(stab, rec, fem, max_steps: int) -> str:
+_VERDICT_KEYS = ("base_forget_em", "forget_em", "base_retain_em", "retain_em", "retain_stability",
+                 "retain_stability_router_only", "retain_stability_drift_only", "forget_shift", "restoration_recovered")
+
+
+def _f3(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _why_not(v, stab, max_steps: int) -> str:
+    """Why a GRIP row does not support the paper's claim (verdict "erased" AND stability >= the bar)."""
     reasons = []
     if stab is not None and stab < CLAIM_STABILITY:
         reasons.append(f"stability below {CLAIM_STABILITY}")
-    if rec is not None and rec > 0.05:
+    if v.kind in ("rerouted", "mixed"):
         reasons.append("restoration still recovers answers")
-    if fem is None or fem >= FORGET_TARGET:
-        reasons.append(f"forget EM not below {FORGET_TARGET} within {max_steps} steps")
+    fem = v.numbers.get("forget_em")
+    if fem is None or fem >= v.forget_target:
+        reasons.append(f"forget EM not below {v.forget_target} within {max_steps} steps")
+    if v.kind in ("collapsed", "not forgotten", "cannot diagnose"):
+        reasons.append(f"verdict {v.kind}")
     return " (" + "; ".join(reasons) + ")" if reasons else ""

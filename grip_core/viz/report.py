@@ -1,4 +1,4 @@
-"""Read a saved run's summary into per-layer series, tables and the one sentence a user wants.
+"""Read a saved run's summary into per-layer series, tables and the verdict a user wants.
 
 Everything here works on plain dicts (summary.json, config.json), so a run computed on a
 cluster renders the same on a laptop. The summary layout is written by grip_core.runs
@@ -11,7 +11,8 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-from .style import pct
+from ..fmt import pct
+from ..runs.verdict import FORGET_TARGET, Verdict, verdict
 from .summaries import finite
 
 # ----------------------------------------------------------------------------- lookup
@@ -118,7 +119,7 @@ def null_space_ranks(grip_ranks: Mapping | None) -> dict | None:
     if kind == "absolute":
         threshold = f"absolute threshold σ² > {grip_ranks.get('eps_null')}"
     elif kind == "relative":
-        threshold = f"relative threshold, {100 * float(grip_ranks.get('energy', 0)):.1f} % of the energy kept"
+        threshold = f"relative threshold, {pct(float(grip_ranks.get('energy', 0)))} of the energy kept"
     else:
         threshold = ""
     return {"layers": list(layers), "ranks": [list(r) for r in ranks], "dim": int(dim) if dim else None,
@@ -168,7 +169,8 @@ def probes_table(runs: Mapping[str, Mapping], base: Mapping | None = None) -> pd
 
 
 def restoration_table(runs: Mapping[str, Mapping]) -> pd.DataFrame:
-    """The router-restoration attack per run: forget EM base / unlearned / with original routers, recovered."""
+    """The router-restoration attack per run: forget EM base / unlearned / with original routers, recovered,
+    and the run's verdict (grip_core.runs.verdict, the same words as the Compare sentence and Diagnose)."""
     rows = []
     for name, summary in runs.items():
         r = _get(summary, *RESTORATION)
@@ -178,8 +180,7 @@ def restoration_table(runs: Mapping[str, Mapping]) -> pd.DataFrame:
                      "forget EM (unlearned)": finite(r.get("em_unlearned")),
                      "forget EM (original routers restored)": finite(r.get("em_restored")),
                      "recovered": finite(r.get("recovered")),
-                     "verdict": restoration_verdict(finite(r.get("recovered")), finite(r.get("forgotten")),
-                                                    finite(r.get("em_unlearned")))})
+                     "verdict": run_verdict(summary).kind})
     df = pd.DataFrame(rows, columns=["run", "forget EM (base)", "forget EM (unlearned)",
                                      "forget EM (original routers restored)", "recovered", "verdict"])
     return _floats(df, exclude=("run", "verdict"))
@@ -193,21 +194,6 @@ def _floats(df: pd.DataFrame, exclude=()) -> pd.DataFrame:
     return df
 
 
-def restoration_verdict(recovered: float | None, forgotten: float | None = None,
-                        em_unlearned: float | None = None) -> str:
-    """Words for the restoration attack (the vocabulary of grip_core.runs.diagnose: rerouted / erased / mixed)."""
-    if forgotten is not None and forgotten < 0.05:
-        return "nothing was forgotten"
-    if recovered is None:
-        return "n/a"
-    if recovered >= 0.5:
-        return "rerouted: the knowledge is still in the experts"
-    if recovered >= 0.15:
-        return "mixed: restoring the routers brings part of it back"
-    partial = " (forgetting still partial)" if em_unlearned is not None and em_unlearned > 0.1 else ""
-    return "erased: restoring the routers brings little back" + partial
-
-
 def step_log_with_base(steps: Sequence[Mapping], summary: Mapping | None) -> list[dict]:
     """The step log with a step-0 row from the base model (stability 100 %, base EM), so curves start at the start."""
     h = _get(summary, "headline") or {}
@@ -216,6 +202,38 @@ def step_log_with_base(steps: Sequence[Mapping], summary: Mapping | None) -> lis
     base = {"step": 0, "retain_stability": 1.0, "forget_shift": 0.0, "forget_em": h.get("base_forget_em"),
             "retain_em": h.get("base_retain_em")}
     return [base, *steps]
+
+
+def summary_headline(summary: Mapping | None) -> dict:
+    """summary["headline"] (grip_core.runs.evaluate), each missing number filled from the details
+    (probes, base_probes, routing, attribution, restoration), so older summaries get a verdict too."""
+    summary = summary or {}
+    h = dict(_get(summary, "headline") or {})
+    probes, base = _probe_splits(_get(summary, *PROBES)), _probe_splits(_get(summary, *BASE_PROBES))
+    retain, forget = _get(summary, *RETAIN_ROUTING) or {}, _get(summary, *FORGET_ROUTING) or {}
+    attr = _get(summary, *ATTRIBUTION) or {}
+    rest = _get(summary, *RESTORATION) or {}
+    rest = rest if isinstance(rest, Mapping) else {}
+    fallback = {"forget_em": probes.get("forget", {}).get("exact_match", rest.get("em_unlearned")),
+                "retain_em": probes.get("retain", {}).get("exact_match"),
+                "base_forget_em": base.get("forget", {}).get("exact_match", rest.get("em_base")),
+                "base_retain_em": base.get("retain", {}).get("exact_match"),
+                "retain_stability": retain.get("stability"), "retain_shift": retain.get("shift"),
+                "forget_shift": forget.get("shift"),
+                "retain_stability_router_only": attr.get("stability_router_only"),
+                "retain_stability_drift_only": attr.get("stability_drift_only"),
+                "restoration_recovered": rest.get("recovered"), "restored_forget_em": rest.get("em_restored")}
+    for key, value in fallback.items():
+        if finite(h.get(key)) is None:
+            h[key] = finite(value)
+    return h
+
+
+def run_verdict(summary: Mapping | None, forget_target: float = FORGET_TARGET) -> Verdict | None:
+    """The run's verdict (grip_core.runs.verdict) from a saved summary; None without a summary."""
+    if not summary:
+        return None
+    return verdict(summary_headline(summary), forget_target=forget_target)
 
 
 def run_summary_row(name: str, summary: Mapping | None, config: Mapping | None = None) -> dict:
@@ -236,57 +254,55 @@ def run_summary_row(name: str, summary: Mapping | None, config: Mapping | None =
             "forget EM": pick("forget_em", finite(probes.get("forget", {}).get("exact_match"))),
             "retain EM": pick("retain_em", finite(probes.get("retain", {}).get("exact_match"))),
             "restoration recovers": recovered,
-            "steps": _get(summary, "steps_done", "timing.steps")}
+            "steps": _get(summary, "steps_done", "timing.steps"),
+            "verdict": v.kind if (v := run_verdict(summary)) else None}
 
 
 # ----------------------------------------------------------------------------- the sentence
 
 
-def compare_sentence(runs: Mapping[str, tuple[Mapping | None, Mapping | None]]) -> str:
-    """The sentence a user wants, from saved summaries only, e.g.
-    "vanilla NPO rerouted 38.2 % of forget tokens and kept 61.0 % of retain routing; GRIP NPO kept 99.6 %
-    of retain routing (router-only 100.0 %)". `runs`: name -> (summary, config)."""
-    parts = []
-    for name, (summary, config) in runs.items():
-        if not summary:
-            parts.append(f"{name} has no final summary yet")
+def compare_sentence(runs: Mapping[str, tuple[Mapping | None, Mapping | None]],
+                     forget_target: float = FORGET_TARGET) -> str:
+    """The verdict of each run (grip_core.runs.verdict), then the trade-off between them, e.g.
+    "vanilla GradDiff — Rerouted, not erased: forget EM 97.0 % → 0.0 %, but restoring the original routers brings
+    back 99.6 % ... GRIP GradDiff — Partially erased: ... Trade-off (GRIP GradDiff / vanilla GradDiff): forget EM
+    14.4 % / 0.0 %, retain EM 98.9 % / 64.0 %, ...". `runs`: name -> (summary, config). Percentages as in the tables."""
+    lines, verdicts = [], {}
+    for name, (summary, _config) in runs.items():
+        v = run_verdict(summary, forget_target)
+        if v is None:
+            lines.append(f"{name} has no final summary yet.")
             continue
-        s = run_layer_series(summary, config)["overall"]
-        bits = []
-        if s["forget_shift"] is not None and grip_mode(config) == "off":
-            bits.append(f"rerouted {pct(s['forget_shift'])} of forget-token expert slots")
-        if s["stability"] is not None:
-            kept = f"kept {pct(s['stability'])} of retain routing"
-            if s["stability_router_only"] is not None:
-                kept += f" ({pct(s['stability_router_only'])} with its inputs held fixed)"
-            bits.append(kept)
-        elif s["forget_shift"] is not None:
-            bits.append(f"shifted {pct(s['forget_shift'])} of forget-token expert slots")
-        rest = _get(summary, *RESTORATION) or {}
-        rec = finite(rest.get("recovered")) if isinstance(rest, Mapping) else None
-        forgotten = finite(rest.get("forgotten")) if isinstance(rest, Mapping) else None
-        if rec is not None and forgotten is not None and forgotten < 0.05:
-            bits.append("its forget-set exact match has not dropped yet")
-        elif rec is not None:
-            bits.append(f"restoring its original routers brought back {pct(rec, 0)} of the forgotten answers")
-        parts.append(f"{name} " + (", ".join(bits[:-1]) + " and " + bits[-1] if len(bits) > 1 else
-                                   (bits[0] if bits else "has no routing metrics")))
-    return "; ".join(parts) + "."
+        verdicts[name] = v
+        lines.append(f"{name} — {v.sentence}")
+    if len(verdicts) > 1:
+        lines.append(tradeoff_sentence(verdicts))
+    return " ".join(lines)
+
+
+def tradeoff_sentence(verdicts: Mapping[str, Verdict]) -> str:
+    """One line comparing runs on the four numbers every verdict names (same order as `verdicts`)."""
+    vs = list(verdicts.values())
+    col = lambda key: " / ".join(pct(v.numbers.get(key)) for v in vs)
+    return (f"Trade-off ({' / '.join(verdicts)}): forget EM {col('forget_em')}, retain EM {col('retain_em')}, "
+            f"retained routing stability {col('retain_stability')}, restoration brings back "
+            f"{col('restoration_recovered')} of the forgotten answers.")
 
 
 def runs_table(runs: Mapping[str, tuple[Mapping | None, Mapping | None]]) -> pd.DataFrame:
     """Headline numbers of several runs (name -> (summary, config)), one row each."""
     df = pd.DataFrame([run_summary_row(n, s, c) for n, (s, c) in runs.items()])
-    return _floats(df, exclude=("run",))
+    return _floats(df, exclude=("run", "verdict"))
 
 
 def percent_strings(df: pd.DataFrame, exclude=("run", "steps", "split", "measure", "verdict"), digits: int = 1
                     ) -> pd.DataFrame:
-    """A display copy of a table: fractions as "66.8 %", missing values as "—" (the CSV keeps the numbers)."""
+    """A display copy of a table: fractions as "66.8 %" (grip_core.fmt.pct, as in every verdict sentence), missing
+    values as "—" (the CSV keeps the numbers)."""
     out = df.copy()
     for c in out.columns:
         if c not in exclude:
-            out[c] = [("—" if v is None or v != v else f"{100 * v:.{digits}f} %") for v in out[c]]
+            out[c] = [pct(v, digits, missing="—") for v in out[c]]
         elif c == "steps":
             out[c] = ["—" if v is None or v != v else f"{int(v)}" for v in out[c]]
     return out

@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from ..fmt import pct  # noqa: F401  (the one percentage format; re-exported as viz.pct)
+from ..runs.verdict import STABLE_RETAIN
+
 VANILLA = "#D55E00"
 GRIP = "#0072B2"
 BASE = "#7F7F7F"
 DRIFT = "#E69F00"          # input-drift share of a routing shift
 ROUTER = "#CC79A7"         # router-weight share of a routing shift
+
+# One colour per verdict kind (grip_core.runs.verdict), on Compare and Diagnose alike.
+VERDICT_COLORS = {"erased": "#009E73", "partially erased": "#56B4E9", "mixed": "#E69F00", "rerouted": VANILLA,
+                  "collapsed": "#000000", "not forgotten": BASE, "cannot diagnose": BASE}
 
 SPLIT_COLORS = {"forget": "#CC79A7", "retain": "#009E73", "holdout": "#E69F00",
                 "paraphrase_forget": "#F0A3D3", "paraphrase_retain": "#7FD1B9", "prompt": "#56B4E9"}
@@ -29,7 +36,7 @@ DIVERGING = "RdBu_r"       # red = more load after unlearning, blue = less; whit
 NULLSPACE = "Viridis"
 
 FONT = dict(family="Inter, Helvetica Neue, Arial, sans-serif", size=14, color="#222")
-STABILITY_TARGET = 0.95    # the GRIP paper's headline: > 95 % of retained routing kept
+STABILITY_TARGET = STABLE_RETAIN   # the GRIP paper's headline: > 95 % of retained routing kept (the verdict's bar)
 
 
 def run_color(name: str, grip_mode: str | None = None, index: int = 0) -> str:
@@ -75,8 +82,3 @@ def to_html(fig: go.Figure, offline: bool = True) -> str:
                        config={"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}})
 
 
-def pct(x: float | None, digits: int = 1) -> str:
-    """0.9961 -> '99.6 %' (None / NaN -> 'n/a')."""
-    if x is None or x != x:
-        return "n/a"
-    return f"{100 * x:.{digits}f} %"
