@@ -113,6 +113,7 @@ class RunWriter:
 
         tmp = self.dir / f".{name}.tmp"
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, self.dir / name)
 
     def save_model(self, model, tokenizer=None) -> None:
