@@ -38,6 +38,7 @@ class DataFileError(GripStudioError, ValueError):
     """A user data file cannot be read; the message names the file and line."""
 
     def __init__(self, path: str | Path, line: int | str | None, message: str):
+        message = " ".join(str(message).split("\n"))      # one line, whatever a row's keys hold
         self.path, self.line, self.detail = str(path), line, message
         super().__init__(f"{path}:{line}: {message}" if line is not None else f"{path}: {message}")
 
