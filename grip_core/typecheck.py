@@ -6,7 +6,6 @@ A config read from a file can hold anything JSON can: `"steps": "60"`, `"lr": nu
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from typing import Literal, Union, get_args, get_origin, get_type_hints
 
@@ -33,7 +32,7 @@ def _ok(value, hint) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)   # NaN: checked where it matters
     if hint is str:
         return isinstance(value, str)
     if dataclasses.is_dataclass(hint):
