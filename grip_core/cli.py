@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     prog = "grip-studio" if Path(sys.argv[0]).name == "grip-studio" else "python -m grip_core"
     parser = argparse.ArgumentParser(prog=prog, description="GRIP Studio: unlearning for MoE "
                                      "models, with router constraints and forgot-or-rerouted diagnostics.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or GRIP_STUDIO_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compare", help="methods x GRIP modes on one model + scenario; prints a table")
@@ -56,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="ga,graddiff,npo,simnpo,rmu")
     p.add_argument("--grip-modes", default="off,update", help="comma list of off / update / gradient / drift")
     p.add_argument("--preset", default="shortcut", help="learning-rate / scope preset (see grip_core.runs.presets)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--out", default="compare", help="output stem: writes OUT.csv and OUT.json")
+    p.add_argument("--steps", type=int, default=None, help="unlearning steps (default: RunConfig's; 0 = none)")
+    p.add_argument("--out", default=None, help="output stem: writes OUT.csv and OUT.json "
+                   "(default: RUNS_DIR/compare-<time>, beside the runs)")
     p.add_argument("--workers", type=int, default=0,
                    help="parallel processes, one torch thread each (0: one per core; 1: in this process)")
     p.add_argument("--eval-every", type=int, default=0,
@@ -71,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="graddiff")
     p.add_argument("--grip-mode", default="update")
     p.add_argument("--preset", default="shortcut")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="unlearning steps (default: RunConfig's; 0 = none)")
     p.add_argument("--save-weights", nargs="?", const="delta", choices=["delta", "full"], default=None,
                    help="keep the unlearned weights in the run folder: delta (default: only changed tensors) or full")
 
@@ -108,18 +111,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def explicit_flags(argv: list[str] | None) -> set[str]:
+    """The dests of the options given on the command line (not left at their defaults)."""
+    parser = build_parser()
+
+    def suppress(p: argparse.ArgumentParser) -> None:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sp in action.choices.values():
+                    suppress(sp)
+            elif action.dest not in ("help", "command"):
+                action.default = argparse.SUPPRESS
+    suppress(parser)
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
+def _close_progress_bars() -> None:
+    """Close any open tqdm bar, so an error line starts on a line of its own."""
+    try:
+        from tqdm import tqdm
+    except ImportError:     # pragma: no cover
+        return
+    for bar in list(getattr(tqdm, "_instances", [])):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - closing is best effort
+            pass
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    return msg.strip("'\"") if isinstance(exc, KeyError) else msg
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("GRIP_STUDIO_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
+    args.explicit = explicit_flags(argv)
     try:
         from .runs import commands
 
+        commands.check_outputs(args)
         return getattr(commands, f"cmd_{args.command}")(args) or 0
-    except (GripStudioError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("interrupted", file=sys.stderr)
         return 130
+    except (GripStudioError, FileNotFoundError, ValueError, OSError) as exc:
+        _close_progress_bars()
+        if debug:
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line, the traceback on request
+        _close_progress_bars()
+        if debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {_one_line(exc)} (a bug in GRIP Studio; rerun with "
+              "--debug or GRIP_STUDIO_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -116,7 +116,8 @@ def test_model_page_describes_the_model_and_data(studio):
     at.text_input(key="model_path").input("/nonexistent/checkpoint").run()
     at.button(key="load_model").click().run()
     assert not at.exception
-    assert any("does not exist" in e.value for e in at.error), [e.value for e in at.error]
+    assert any("not a readable checkpoint directory" in e.value for e in at.error), [e.value for e in at.error]
+    assert not any("does not exist" in e.value for e in at.error)   # never reveals which server paths exist
     assert at.session_state["model_source"] != "/nonexistent/checkpoint"
 
 
@@ -403,4 +404,5 @@ def test_diagnose_page_errors_are_messages(studio):
     at.number_input(key="dg_n").set_value(8)
     at.button[0].click().run()  # the form's submit button
     assert not at.exception
-    assert any("does not exist" in e.value for e in at.error), [e.value for e in at.error]
+    assert any("not a readable checkpoint directory" in e.value for e in at.error), [e.value for e in at.error]
+    assert not any("does not exist" in e.value for e in at.error)   # never reveals which server paths exist

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import threading
 import time
 import traceback
@@ -18,6 +19,32 @@ from pathlib import Path
 import streamlit as st
 
 from grip_core import MoEModel
+from grip_core.moe.errors import JobsBusyError
+
+# Job pairs that may run at once on one dashboard server, across every browser session
+# (GRIP_STUDIO_MAX_JOBS overrides it). Each pair trains two deep copies of the model.
+DEFAULT_MAX_CONCURRENT_JOBS = 2
+
+
+def max_concurrent_jobs() -> int:
+    raw = os.environ.get("GRIP_STUDIO_MAX_JOBS", "")
+    try:
+        return max(1, int(raw)) if raw.strip() else DEFAULT_MAX_CONCURRENT_JOBS
+    except ValueError:
+        return DEFAULT_MAX_CONCURRENT_JOBS
+
+
+@st.cache_resource(show_spinner=False)
+def _server_jobs() -> dict:
+    """Every JobPair started on this server (all sessions), and the lock guarding the count."""
+    return {"lock": threading.Lock(), "pairs": []}
+
+
+def running_pairs() -> list:
+    reg = _server_jobs()
+    with reg["lock"]:
+        reg["pairs"][:] = [p for p in reg["pairs"] if not p.done]
+        return list(reg["pairs"])
 
 
 @dataclass
@@ -160,7 +187,15 @@ def session_pairs() -> list[JobPair]:
 
 
 def start_pair(base: MoEModel, lock, data, configs: dict, runs_dir: Path, source: str) -> JobPair:
-    pair = JobPair(base, lock, data, configs, runs_dir, source).start()
+    """Start a JobPair, or JobsBusyError when the server already runs max_concurrent_jobs() of them."""
+    reg, limit = _server_jobs(), max_concurrent_jobs()
+    with reg["lock"]:
+        reg["pairs"][:] = [p for p in reg["pairs"] if not p.done]
+        if len(reg["pairs"]) >= limit:
+            raise JobsBusyError(f"the server is already running {len(reg['pairs'])} unlearning job pair(s), its "
+                                f"limit (GRIP_STUDIO_MAX_JOBS={limit}); start again when one has finished")
+        pair = JobPair(base, lock, data, configs, runs_dir, source).start()
+        reg["pairs"].append(pair)
     st.session_state["job_pair"] = pair
     session_pairs().append(pair)
     return pair

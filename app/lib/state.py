@@ -46,6 +46,18 @@ def _char_tokenizer():
                                    unk_token="<unk>")
 
 
+def load_checkpoint(source: str) -> MoEModel:
+    """load_model for a path typed into the browser: a failure says only "not a readable checkpoint directory",
+    never whether the server has such a path (missing / not a folder / no weights read the same)."""
+    from grip_core.moe.errors import ModelLoadError
+
+    try:
+        return load_model(source)
+    except ModelLoadError:
+        raise ModelLoadError(f"{source}: not a readable checkpoint directory (a folder with config.json and "
+                             "*.safetensors weights that this server can read)") from None
+
+
 def _load(source: str) -> MoEModel:
     if source.startswith("tiny:"):
         from grip_core.moe.tiny import build_tiny_model
@@ -58,7 +70,7 @@ def _load(source: str) -> MoEModel:
         except Exception:  # noqa: BLE001 - an older transformers
             pass
         return MoEModel(model, _char_tokenizer(), name=source)
-    return load_model(source)
+    return load_model(source) if source == "demo" else load_checkpoint(source)
 
 
 @st.cache_resource(show_spinner=False, max_entries=3)
@@ -137,9 +149,9 @@ def register_upload(files: dict[str, tuple[str, bytes]]) -> str:
     splits = {}
     with tempfile.TemporaryDirectory() as tmp:
         for split, (name, raw) in files.items():
-            path = Path(tmp) / Path(name).name
+            path = Path(tmp) / f"{split}{Path(name).suffix}"
             path.write_bytes(raw)
-            examples = read_qa_file(path)
+            examples = read_qa_file(path, name=name)        # errors name the upload, not the server's temp path
             if len(examples) > MAX_UPLOAD_EXAMPLES:
                 raise ValueError(f"{name}: {len(examples)} examples is over the {MAX_UPLOAD_EXAMPLES} limit")
             splits[split] = examples

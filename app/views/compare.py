@@ -14,10 +14,16 @@ ui.page_header("Compare", "Base vs unlearned, vanilla vs GRIP: where routing mov
                           "forgetting survives putting the original routers back. Read from the saved runs.")
 
 with ui.guard("Could not read the run store", stop=True):
-    runs = list_runs(state.runs_dir())
+    listed = list_runs(state.runs_dir())
+unreadable = [r for r in listed if r.error]
+runs = [r for r in listed if not r.error]
+if unreadable:
+    with st.expander(f"{len(unreadable)} run folder(s) could not be read", expanded=True, icon=":material/warning:"):
+        st.markdown("\n".join(f"- `{r.run_id}` — unreadable: {r.error}" for r in unreadable))
 finished = [r for r in runs if r.summary]
 if not runs:
-    st.info(f"No runs in `{state.runs_dir()}` yet. Start one on the **Unlearn** page.", icon=":material/info:")
+    st.info(f"No {'readable ' if unreadable else ''}runs in `{state.runs_dir()}` yet. Start one on the **Unlearn** page.",
+            icon=":material/info:")
     st.stop()
 
 

@@ -60,7 +60,7 @@ def _data(tmp: Path, n: int, seed: int):
             if up is not None:
                 path = tmp / f"{name}{Path(up.name).suffix}"
                 path.write_bytes(up.getvalue())
-                splits[name] = read_qa_file(path)
+                splits[name] = read_qa_file(path, name=up.name)
     capped = {k: state.sample(v, n, seed) for k, v in splits.items()}
     train, held = UnlearningData._split_retain(capped["retain"], max(8, n // 2), seed)
     return UnlearningData(capped["forget"], train, held, capped.get("holdout", []), name="diagnose")
@@ -80,7 +80,7 @@ if go and _diagnose is not None:
                 data = _data(Path(tmp), int(n_examples), 0)
                 box.write(f"Loading the base model `{base.strip()}` …")
                 base_moe = (state.private_copy(base.strip()) if base.strip() == state.current_source()
-                            else load_model(base.strip()))
+                            else state.load_checkpoint(base.strip()))
                 box.write("Checking that the base model knows the forget set …")
                 unknown = base_knowledge_warning(exact_match_accuracy(base_moe, data.forget), len(data.forget))
                 st.session_state["dg_warning"] = unknown
@@ -90,7 +90,7 @@ if go and _diagnose is not None:
                                expanded=False)
                 else:
                     box.write(f"Loading the unlearned model `{unlearned.strip()}` …")
-                    new_moe = load_model(unlearned.strip())
+                    new_moe = state.load_checkpoint(unlearned.strip())
                     box.write("Measuring: probes, routing of both models, attribution, restoration attack …")
                     result = _diagnose(base_moe, new_moe, data, seed=0, eval_examples=int(n_examples))
                     st.session_state["dg_report"] = result.to_dict()

@@ -139,6 +139,10 @@ common = dict(method=method, method_args=method_args, scope=scope, model=source,
               batch_size=batch_size, seed=seed, eval_every=eval_every, eval_examples=eval_examples,
               final_eval_examples=final_examples, grip_fit_examples=fit_examples, save_weights=save_weights)
 
+_others = [p for p in jobs.running_pairs() if p is not pair]
+if not busy and len(_others) >= jobs.max_concurrent_jobs():
+    st.info(f"The server is busy: {len(_others)} unlearning job pair(s) are running (its limit is "
+            f"{jobs.max_concurrent_jobs()}). Start again when one has finished.", icon=":material/hourglass_top:")
 b1, b2, b3 = st.columns([2, 1, 4])
 start = b1.button("Run vanilla + GRIP", type="primary", key="ul_start", disabled=busy, icon=":material/play_arrow:")
 cancel = b2.button("Cancel", key="ul_cancel", disabled=not busy, icon=":material/stop:")

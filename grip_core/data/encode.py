@@ -15,6 +15,22 @@ from .examples import QAExample
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 IGNORE_INDEX = -100
+# Texts are cut by characters BEFORE tokenising, to a budget no tokenizer's first `max_length` tokens
+# reach past (a token spans far fewer than CHARS_PER_TOKEN_BOUND characters): a 10 MB line then costs
+# what a 4 kB one does, and the tokens kept are the same as tokenising it whole and truncating.
+CHARS_PER_TOKEN_BOUND = 64
+MAX_PROMPT_TOKENS = 2048        # budget for prompts with no max_length (generation)
+
+
+def char_budget(max_tokens: int) -> int:
+    """Characters of text that always hold at least `max_tokens` tokens' worth."""
+    return CHARS_PER_TOKEN_BOUND * max(int(max_tokens), 1) + 64
+
+
+def clip_text(text: str, max_tokens: int) -> str:
+    """`text` cut to char_budget(max_tokens) characters (unchanged when shorter)."""
+    budget = char_budget(max_tokens)
+    return text if len(text) <= budget else text[:budget]
 
 
 def format_prompt(question: str) -> str:
@@ -31,11 +47,13 @@ def _pad_id(tokenizer) -> int:
     return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_id(tokenizer))
 
 
-def prompt_ids(tokenizer, questions: Sequence[str]) -> list[list[int]]:
-    """Token ids of each formatted prompt, with the tokenizer's BOS if it adds one (never a trailing EOS)."""
+def prompt_ids(tokenizer, questions: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+    """Token ids of each formatted prompt, with the tokenizer's BOS if it adds one (never a trailing EOS).
+    Questions are cut by characters first (clip_text) to `max_length` tokens' worth (MAX_PROMPT_TOKENS if None)."""
     eos = _eos_id(tokenizer)
+    budget = max_length or MAX_PROMPT_TOKENS
     out = []
-    for ids in tokenizer([format_prompt(q) for q in questions], add_special_tokens=True)["input_ids"]:
+    for ids in tokenizer([format_prompt(clip_text(q, budget)) for q in questions], add_special_tokens=True)["input_ids"]:
         ids = list(ids)
         if len(ids) > 1 and ids[-1] == eos and eos != tokenizer.bos_token_id:   # some post-processors append EOS
             ids = ids[:-1]
@@ -43,14 +61,19 @@ def prompt_ids(tokenizer, questions: Sequence[str]) -> list[list[int]]:
     return out
 
 
-def example_ids(tokenizer, examples: Sequence[QAExample]) -> list[tuple[list[int], list[int]]]:
-    """(context ids, target ids) per example: target = " {answer}" + EOS, or the whole text + EOS for text-only rows."""
+def example_ids(tokenizer, examples: Sequence[QAExample], max_length: int | None = None
+                ) -> list[tuple[list[int], list[int]]]:
+    """(context ids, target ids) per example: target = " {answer}" + EOS, or the whole text + EOS for text-only rows.
+
+    Every text is first cut by characters (clip_text) to `max_length` tokens' worth (MAX_PROMPT_TOKENS if None),
+    so the first `max_length` ids are those of the whole text, at the cost of a short one."""
     eos = _eos_id(tokenizer)
+    budget = max_length or MAX_PROMPT_TOKENS
     qa = [ex for ex in examples if not ex.is_text_only]
-    texts = [ex.text for ex in examples if ex.is_text_only]
+    texts = [clip_text(ex.text, budget) for ex in examples if ex.is_text_only]
     encode = lambda xs: tokenizer(xs, add_special_tokens=False)["input_ids"] if xs else []   # HF fails on []
-    prompts = iter(prompt_ids(tokenizer, [ex.question for ex in qa]) if qa else [])
-    answers = iter(encode([" " + ex.answer.strip() for ex in qa]))
+    prompts = iter(prompt_ids(tokenizer, [ex.question for ex in qa], budget) if qa else [])
+    answers = iter(encode([" " + clip_text(ex.answer.strip(), budget) for ex in qa]))
     texts = iter(encode(texts))
     out = []
     for ex in examples:
@@ -70,7 +93,7 @@ def encode_qa(tokenizer, examples: Sequence[QAExample], max_length: int = 64) ->
     """
     if not examples:
         raise ValueError("encode_qa: no examples")
-    pairs = example_ids(tokenizer, examples)
+    pairs = example_ids(tokenizer, examples, max_length)
     seqs = [(ctx + tgt)[:max_length] for ctx, tgt in pairs]
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), _pad_id(tokenizer), dtype=torch.long)   # (B, T)

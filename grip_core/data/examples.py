@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..moe.errors import GripStudioError
+
 
 @dataclass
 class QAExample:
@@ -32,11 +34,12 @@ class QAExample:
         return not self.question
 
 
-class DataFileError(ValueError):
+class DataFileError(GripStudioError, ValueError):
     """A user data file cannot be read; the message names the file and line."""
 
     def __init__(self, path: str | Path, line: int | str | None, message: str):
-        self.path, self.line = str(path), line
+        message = " ".join(str(message).split("\n"))      # one line, whatever a row's keys hold
+        self.path, self.line, self.detail = str(path), line, message
         super().__init__(f"{path}:{line}: {message}" if line is not None else f"{path}: {message}")
 
 
@@ -127,29 +130,44 @@ def _read_json(path: Path, text: str) -> list[tuple[int | str, dict]]:
 def _read_csv(path: Path, text: str) -> list[tuple[int, dict]]:
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.DictReader(text.splitlines(), delimiter=delim)
-    header = [h.strip().lower() for h in (reader.fieldnames or [])]
-    if not ({"question", "answer"} <= set(header) or "text" in header):
-        raise DataFileError(path, 1, f"missing columns: need 'question' and 'answer' (or 'text'); header is {header}")
-    rows = []
-    for row in reader:
-        if None in row:
-            raise DataFileError(path, reader.line_num, f"{len(header) + len(row[None])} fields, header has {len(header)}")
-        if not any((v or "").strip() for v in row.values()):
-            continue
-        rows.append((reader.line_num, row))
+    try:
+        header = [h.strip().lower() for h in (reader.fieldnames or [])]
+        if not ({"question", "answer"} <= set(header) or "text" in header):
+            raise DataFileError(path, 1, f"missing columns: need 'question' and 'answer' (or 'text'); header is {header}")
+        rows = []
+        for row in reader:
+            if None in row:
+                raise DataFileError(path, reader.line_num,
+                                    f"{len(header) + len(row[None])} fields, header has {len(header)}")
+            if not any((v if isinstance(v, str) else "").strip() for v in row.values()):
+                continue
+            rows.append((reader.line_num, row))
+    except csv.Error as e:
+        raise DataFileError(path, reader.line_num or 1, f"malformed CSV ({e})") from None
     return rows
 
 
 READERS = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv}
 
 
-def read_qa_file(path: str | Path) -> list[QAExample]:
+def read_qa_file(path: str | Path, name: str | None = None) -> list[QAExample]:
     """Read a JSONL / CSV / TSV / TOFU-style JSON file of QA pairs (or texts) into QAExamples.
 
     Raises DataFileError naming the file and line for: missing file, unknown extension,
     empty file, malformed JSON/CSV, a row without question+answer (or text), empty values.
+    `name`: how errors name the file (e.g. an upload's own name instead of a server temp path).
     """
-    path = Path(path)
+    try:
+        return _read_qa_file(Path(path))
+    except DataFileError as e:
+        if name is None:
+            raise
+        raise DataFileError(name, e.line, e.detail) from None
+    except RecursionError:       # JSON nested thousands deep
+        raise DataFileError(name or path, None, "JSON nested too deeply") from None
+
+
+def _read_qa_file(path: Path) -> list[QAExample]:
     if not path.is_file():
         raise DataFileError(path, None, "file not found")
     reader = READERS.get(path.suffix.lower())
@@ -159,8 +177,12 @@ def read_qa_file(path: str | Path) -> list[QAExample]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataFileError(path, None, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataFileError(path, None, f"cannot read the file ({e.strerror or e})") from None
     if not text.strip():
         raise DataFileError(path, None, "empty file: no examples")
+    if "\x00" in text:
+        raise DataFileError(path, _line_of(text, text.index("\x00")), "NUL byte: not a text file")
     rows = reader(path, text)
     if not rows:
         raise DataFileError(path, None, "no examples (only blank lines or a header)")

@@ -8,8 +8,11 @@ dimensions. `GRIPState.rank_table(kind, value)` shows that trade-off without a r
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import math
+from dataclasses import asdict, dataclass
 from typing import Literal, get_args
+
+from ..moe.errors import ConfigError
 
 Mode = Literal["update", "gradient", "off"]
 ThresholdKind = Literal["absolute", "relative"]
@@ -83,21 +86,27 @@ class GRIPConfig:
     seed: int = 0
 
     def __post_init__(self):
+        from ..typecheck import check_fields
+
+        check_fields(self, "grip")
+        for name in ("eps_null", "energy", "margin_eps", "ridge_lambda", "correction_min_cos"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
         for name, kind in (("mode", Mode), ("threshold_kind", ThresholdKind), ("margin_method", MarginMethod),
                            ("ridge_form", RidgeForm), ("basis_dtype", BasisDtype)):
             if getattr(self, name) not in get_args(kind):
-                raise ValueError(f"{name} must be one of {get_args(kind)}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be one of {get_args(kind)}, got {getattr(self, name)!r}")
         if self.eps_null < 0:
-            raise ValueError(f"eps_null must be >= 0, got {self.eps_null}")
+            raise ConfigError(f"eps_null must be >= 0, got {self.eps_null}")
         if not 0.0 < self.energy <= 1.0:
-            raise ValueError(f"energy must be in (0, 1], got {self.energy}")
+            raise ConfigError(f"energy must be in (0, 1], got {self.energy}")
         if self.margin_eps < 0:
-            raise ValueError(f"margin_eps must be >= 0, got {self.margin_eps}")
+            raise ConfigError(f"margin_eps must be >= 0, got {self.margin_eps}")
         for name in ("kaczmarz_iters", "max_margin_rows", "probe_tokens", "drift_every", "fit_layers_per_pass"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.ridge_lambda < 0:
-            raise ValueError(f"ridge_lambda must be >= 0, got {self.ridge_lambda}")
+            raise ConfigError(f"ridge_lambda must be >= 0, got {self.ridge_lambda}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,6 +119,7 @@ class GRIPConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "GRIPConfig":
-        """Unknown keys are ignored (configs saved by newer versions still load)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        """Unknown keys are ignored (configs saved by newer versions still load); wrong types are ConfigErrors."""
+        from ..typecheck import build
+
+        return build(cls, data, "grip", strict=False)

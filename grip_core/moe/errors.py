@@ -26,3 +26,15 @@ class UnsupportedRouterError(GripStudioError, RuntimeError):
 
 class ModelLoadError(GripStudioError, OSError):
     """A model path is missing, incomplete or corrupt."""
+
+
+class ConfigError(GripStudioError, ValueError):
+    """A RunConfig / GRIPConfig / command-line value is invalid or contradicts another one."""
+
+
+class RunStoreError(GripStudioError, ValueError):
+    """A run folder (or one of its files) cannot be read or written; the message names the file."""
+
+
+class JobsBusyError(GripStudioError, RuntimeError):
+    """The dashboard server already runs as many jobs as it allows."""

@@ -67,7 +67,10 @@ class MoEModel:
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         tok.padding_side = "right"
-        return dict(tok(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length))
+        from ..data.encode import clip_text   # cut by characters first: a 10 MB text costs what a short one does
+
+        return dict(tok([clip_text(t, max_length) for t in texts], return_tensors="pt", padding=True,
+                        truncation=True, max_length=max_length))
 
     def trace(self, texts_or_batch, keep_inputs: bool = False, batch_size: int = 32,
               max_length: int = 128) -> RoutingTrace:

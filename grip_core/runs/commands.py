@@ -2,32 +2,118 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
 
 from ..cli import load_kwargs
 from ..moe import load_model
-from .compare import TABLE_COLUMNS, compare, compare_in_processes, format_table, make_config
+from ..moe.errors import ConfigError, GripStudioError
+from .compare import GRIP_MODES, TABLE_COLUMNS, compare, compare_in_processes, format_table, make_config
 from .data import UnlearningData
-from .store import atomic_write_json, atomic_write_text
+from .store import DEFAULT_RUNS_DIR, atomic_write_json, atomic_write_text
 from .verdict import verdict
 
 
-def _data(args) -> UnlearningData:
-    if getattr(args, "forget_file", None):
-        if not args.retain_file:
-            raise ValueError("--forget-file needs --retain-file too")
-        return UnlearningData.from_files(args.forget_file, args.retain_file, args.holdout_file, seed=args.seed)
-    return UnlearningData.from_scenario(args.scenario, seed=args.seed)
+class OutputPathError(GripStudioError, OSError):
+    """An output path given on the command line cannot be written."""
+
+
+def check_output_path(path: str | Path, flag: str) -> Path:
+    """OutputPathError naming `flag` and `path` when a file cannot be written there (checked before any work)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{flag} {path}: is a directory; give a file path")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"{flag} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{flag} {path}: cannot write in {parent} (permission denied)")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputPathError(f"{flag} {path}: the file exists and is not writable")
+    return path
+
+
+def check_outputs(args) -> None:
+    """Every output path of the command, checked before a model is loaded or a run is made."""
+    out = getattr(args, "out", None)
+    if out and args.command == "compare":
+        for suffix in (".csv", ".json"):
+            check_output_path(Path(out).with_suffix(suffix), "--out")
+    elif out:
+        check_output_path(out, "--out")
+    if args.command == "study":
+        out_dir = Path(args.out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise OutputPathError(f"--out-dir {out_dir}: exists and is not a directory")
+        check_output_path(out_dir / "findings.md", "--out-dir")
+        if args.report:
+            check_output_path(args.report, "--report")
+
+
+def _default_steps() -> int:
+    from .config import RunConfig
+
+    return RunConfig().steps         # the one source of defaults
+
+
+def _steps(args) -> int:
+    if args.steps is None:
+        return _default_steps()
+    if args.steps < 0:
+        raise ConfigError(f"--steps must be >= 0, got {args.steps}")
+    return args.steps
+
+
+def _data(args, seed: int | None = None, retain_eval_size: int = 64) -> UnlearningData:
+    seed = args.seed if seed is None else seed
+    if getattr(args, "forget_file", None) or getattr(args, "retain_file", None):
+        if not (args.forget_file and args.retain_file):
+            raise ConfigError("--forget-file needs --retain-file too" if args.forget_file
+                              else "--retain-file needs --forget-file too")
+        return UnlearningData.from_files(args.forget_file, args.retain_file, args.holdout_file, seed=seed,
+                                         retain_eval_size=retain_eval_size)
+    if getattr(args, "holdout_file", None):
+        raise ConfigError("--holdout-file needs --forget-file and --retain-file")
+    return UnlearningData.from_scenario(args.scenario, seed=seed, retain_eval_size=retain_eval_size)
+
+
+def _data_record(data: UnlearningData) -> dict:
+    """RunConfig fields that say which data made a run: scenario, and the files (paths + hashes) if custom."""
+    return {"scenario": data.name if data.name != "custom" else "custom", "data_files": dict(data.files)}
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def _check_model_source(model: str) -> None:
+    """A cheap check of --model before anything is written (the load itself reports the details)."""
+    if model == "demo" or model.startswith("tiny:"):
+        return
+    path = Path(model)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        from ..moe.errors import ModelLoadError
+
+        raise ModelLoadError(f"--model {model}: not a checkpoint directory (a folder with config.json)")
+
+
+def _split_list(value: str, flag: str) -> list[str]:
+    items = [m.strip() for m in value.split(",") if m.strip()]
+    if not items:
+        raise ConfigError(f"{flag} {value!r}: give at least one name (comma separated)")
+    return items
 
 
 def _write_table(stem: str, rows: list[dict]) -> None:
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(stem.with_suffix(".json"), rows)
     cols = TABLE_COLUMNS + ["reason"]
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
@@ -37,55 +123,162 @@ def _write_table(stem: str, rows: list[dict]) -> None:
 
 
 def cmd_compare(args) -> int:
-    moe = load_model(args.model, **load_kwargs(args))
+    from ..methods.base import method_class
+
+    methods = _split_list(args.methods, "--methods")
+    modes = _split_list(args.grip_modes, "--grip-modes")
+    for m in methods:
+        try:
+            method_class(m)
+        except ValueError as exc:
+            raise ConfigError(f"--methods: {exc}") from None
+    unknown = [m for m in modes if m not in GRIP_MODES]
+    if unknown:
+        raise ConfigError(f"--grip-modes: unknown mode(s) {unknown}; choose from {sorted(GRIP_MODES)}")
+    steps = _steps(args)
     data = _data(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    modes = [m.strip() for m in args.grip_modes.split(",") if m.strip()]
+    for w in data.warnings:
+        _warn(w)
+    out = args.out or str(Path(args.runs_dir or DEFAULT_RUNS_DIR) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    for suffix in (".csv", ".json"):
+        check_output_path(Path(out).with_suffix(suffix), "--out")
+    moe = load_model(args.model, **load_kwargs(args))
     bar = tqdm(total=len(methods) * len(modes), desc="compare", unit="run", file=sys.stderr)
 
     def on_row(row):
         bar.update(1)
         bar.set_postfix_str(f"{row['method']}/{row['grip']}: {row['status']}")
     workers = min(args.workers or os.cpu_count() or 1, len(methods) * len(modes))
-    common = dict(preset=args.preset, seed=args.seed, steps=args.steps or 60, runs_dir=args.runs_dir, on_row=on_row,
-                  eval_every=args.eval_every, final_eval_examples=args.final_eval_examples)
+    common = dict(preset=args.preset, seed=args.seed, steps=steps, runs_dir=args.runs_dir, on_row=on_row,
+                  eval_every=args.eval_every, final_eval_examples=args.final_eval_examples,
+                  model=str(args.model), **_data_record(data))
     if workers > 1:     # the model loaded above already failed early on a bad path / non-MoE model
         rows = compare_in_processes(moe, args.model, data, methods, modes, workers, **common)
     else:
         rows = compare(moe, data, methods, modes, **common)
     bar.close()
     print(format_table(rows))
-    _write_table(args.out, rows)
-    print(f"\nwrote {args.out}.csv and {args.out}.json; runs saved under {args.runs_dir or 'runs/'}")
+    _write_table(out, rows)
+    print(f"\nwrote {out}.csv and {out}.json; runs saved under {args.runs_dir or 'runs/'}")
     return 0
 
 
-def cmd_run(args) -> int:
-    from .config import RunConfig
-    from .job import run_unlearning
+# flag (argparse dest) -> the RunConfig field it sets, for `run --config FILE` with flags
+_RUN_FLAGS = {"model": "model", "scenario": "scenario", "seed": "seed", "steps": "steps", "method": "method",
+              "save_weights": "save_weights"}
 
-    moe = load_model(args.model, **load_kwargs(args))
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _explicit(args) -> set[str]:
+    """Flags given on the command line (cli.main records them; else: those that differ from the defaults)."""
+    if hasattr(args, "explicit"):
+        return set(args.explicit)
+    from ..cli import build_parser
+
+    defaults = vars(build_parser().parse_args([args.command, *(["--base", "x", "--unlearned", "x", "--forget-file",
+                                                                 "x", "--retain-file", "x"] if args.command == "diagnose"
+                                                               else ["--file", "x"] if args.command == "trace" else [])]))
+    return {k for k, v in vars(args).items() if k in defaults and defaults[k] != v}
+
+
+def run_config_from_args(args):
+    """The RunConfig of `run`, and the data it names, resolved so that the two always agree.
+
+    Precedence: the config file holds the run; a flag given on the command line fills a field the file
+    leaves out, and a flag that contradicts the file is an error (never silently one or the other).
+    --forget-file / --retain-file make the scenario "custom" and record the files' paths and sha256.
+    """
+    from .config import RunConfig
+
+    explicit = _explicit(args)
     if args.config:
         path = Path(args.config)
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+            raise ConfigError(f"--config {path}: file not found")
         try:
-            config = RunConfig.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            detail = f"{exc.msg}, line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else \
+                type(exc).__name__
+            raise ConfigError(f"{path}: not valid JSON ({detail})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object of RunConfig fields, got {type(raw).__name__}")
+        d = dict(raw)
+        values = {dest: getattr(args, dest) for dest in _RUN_FLAGS if dest in explicit}
+        if "steps" in values:
+            values["steps"] = _steps(args)
+        if args.forget_file or args.retain_file:
+            values["scenario"] = "custom"
+        for dest, value in values.items():
+            key = _RUN_FLAGS[dest]
+            if key in d and d[key] != value:
+                what = "--forget-file" if dest == "scenario" and value == "custom" and "scenario" not in explicit \
+                    else f"{_flag(dest)} {value}"
+                raise ConfigError(f"{what} conflicts with \"{key}\": {json.dumps(d[key])} in {path}; "
+                                  "drop the flag or change the file")
+            d[key] = value
+        if "grip_mode" in explicit:
+            grip = d.get("grip") if isinstance(d.get("grip"), dict) else {}
+            if args.grip_mode not in GRIP_MODES:
+                raise ConfigError(f"--grip-mode: unknown mode {args.grip_mode!r}; choose from {sorted(GRIP_MODES)}")
+            for k, v in GRIP_MODES[args.grip_mode].items():
+                if k in grip and grip[k] != v:
+                    raise ConfigError(f"--grip-mode {args.grip_mode} conflicts with \"grip\": {{\"{k}\": "
+                                      f"{json.dumps(grip[k])}}} in {path}; drop the flag or change the file")
+            d["grip"] = {**grip, **GRIP_MODES[args.grip_mode]}
+        if "preset" in explicit:
+            clash = [k for k in ("scope", "method_args") if k in d]
+            if clash:
+                raise ConfigError(f"--preset {args.preset} conflicts with {clash} in {path}; drop one of them")
+            p = make_config(d.get("method", "graddiff"), "off", args.preset)
+            d["scope"], d["method_args"] = dataclasses.asdict(p.scope), dict(p.method_args)
+        if "data_files" in d and (args.forget_file or args.retain_file):
+            raise ConfigError(f"--forget-file conflicts with \"data_files\" in {path}; drop one of them")
+        try:
+            config = RunConfig.from_dict(d)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     else:
         mode = "off" if args.grip_mode == "off" else args.grip_mode
-        config = make_config(args.method, mode, args.preset, args.seed, args.steps or 60,
+        if mode not in GRIP_MODES:
+            raise ConfigError(f"--grip-mode: unknown mode {mode!r}; choose from {sorted(GRIP_MODES)}")
+        config = make_config(args.method, mode, args.preset, args.seed, _steps(args),
                              save_weights=bool(args.save_weights), weights_format=args.save_weights or "delta",
-                             scenario=args.scenario)
+                             scenario=args.scenario, model=str(args.model))
+    if args.forget_file or args.retain_file:
+        data = _data(args, seed=config.seed, retain_eval_size=config.eval_examples)
+    elif getattr(args, "holdout_file", None):
+        raise ConfigError("--holdout-file needs --forget-file and --retain-file")
+    else:
+        data = UnlearningData.for_config(config)
+    record = _data_record(data)
+    config.scenario, config.data_files = record["scenario"], record["data_files"]
+    return config, data
+
+
+def cmd_run(args) -> int:
+    from .job import run_unlearning
+
+    config, data = run_config_from_args(args)      # all input checked before a model loads or a folder exists
+    args.model = config.model
+    for w in data.warnings:
+        _warn(w)
+    moe = load_model(args.model, **load_kwargs(args))
     bar = tqdm(total=config.steps, desc=config.display_name(), unit="step", file=sys.stderr)
-    result = run_unlearning(moe, config, _data(args), runs_dir=args.runs_dir,
-                            progress=lambda row: (bar.update(1), bar.set_postfix(loss=f"{row['loss']:.3f}")))
-    bar.close()
+    try:
+        result = run_unlearning(moe, config, data, runs_dir=args.runs_dir,
+                                progress=lambda row: (bar.update(1), bar.set_postfix(loss=f"{row['loss']:.3f}")))
+    finally:
+        bar.close()
     headline = result.summary.get("headline", {})
     v = verdict(headline) if headline else None             # the one verdict (docs/method.md, Verdicts)
     print(json.dumps({"status": result.status, "reason": result.reason, "run_dir": str(result.run_dir),
                       **headline, **({"verdict": v.kind, "verdict_sentence": v.sentence} if v else {})}, indent=2))
+    if headline.get("collapsed"):
+        _warn(f"the run collapsed: {headline.get('collapse_reason')}")
     return 0 if result.status == "completed" else 1
 
 
@@ -163,13 +356,26 @@ def cmd_trace(args) -> int:
     return 0
 
 
+def _parse_seeds(value: str | None) -> list[int] | None:
+    if not value:
+        return None
+    seeds = []
+    for item in value.split(","):
+        try:
+            seeds.append(int(item.strip()))
+        except ValueError:
+            raise ConfigError(f"--seeds {value!r}: {item.strip()!r} is not an integer "
+                              "(give a comma list such as 0,1,2)") from None
+    return seeds
+
+
 def cmd_study(args) -> int:
     from .study import run_study
 
+    seeds = _parse_seeds(args.seeds)
+    _check_model_source(args.model)          # before --out-dir is created
     report = run_study(quick=args.quick, out_dir=Path(args.out_dir), model=args.model, workers=args.workers,
-                       load=load_kwargs(args),
-                       report_only=args.report_only,
-                       seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None)
+                       load=load_kwargs(args), report_only=args.report_only, seeds=seeds)
     path = Path(args.report) if args.report else Path(args.out_dir) / "findings.md"
     atomic_write_text(path, report)
     print(f"wrote {path}")

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from ..grip import GRIPConfig
+from ..moe.errors import ConfigError
 from ..scope import ScopeConfig
+from ..typecheck import build, check_fields
 
 
 @dataclass
@@ -33,27 +36,57 @@ class RunConfig:
     weights_format: str = "delta"                    # "delta": only the tensors that changed, plus the base's name
                                                      # (loads with load_model / Diagnose); "full": a whole checkpoint
     label: str = ""
+    # custom data (scenario "custom"): {"forget"|"retain"|"holdout": {"path", "sha256", "examples"}}, for the record
+    data_files: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if isinstance(self.scope, dict):
-            self.scope = ScopeConfig(**self.scope)
-        if isinstance(self.grip, dict):
-            self.grip = GRIPConfig(**self.grip)
+        self.scope = build(ScopeConfig, self.scope, "scope")
+        self.grip = build(GRIPConfig, self.grip, "grip")
+        if not isinstance(self.method_args, dict):
+            raise ConfigError(f"method_args must be a JSON object, got {type(self.method_args).__name__}")
+        check_fields(self, "RunConfig")
         if self.weights_format not in ("delta", "full"):
-            raise ValueError(f"weights_format must be 'delta' or 'full' (got {self.weights_format!r})")
-        if self.steps < 0 or self.batch_size < 1:
-            raise ValueError(f"steps must be >= 0 and batch_size >= 1 (got {self.steps}, {self.batch_size})")
+            raise ConfigError(f"weights_format must be 'delta' or 'full' (got {self.weights_format!r})")
+        for name, low in (("steps", 0), ("batch_size", 1), ("max_length", 2), ("eval_every", 0),
+                          ("eval_examples", 1), ("grip_fit_examples", 0), ("final_eval_examples", 0)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if not math.isfinite(self.scope.lr):
+            raise ConfigError(f"scope.lr must be a finite number, got {self.scope.lr}")
+        if self.weight_decay < 0 or not math.isfinite(self.weight_decay):
+            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+        if self.stop_at_forget_em is not None and not 0 <= self.stop_at_forget_em <= 1:
+            raise ConfigError(f"stop_at_forget_em must be in [0, 1] or null, got {self.stop_at_forget_em}")
+        self.check_method()
+
+    def check_method(self) -> None:
+        """ConfigError for an unknown method or method argument (before any run folder is made)."""
+        from ..methods.base import method_class
+
+        try:
+            cls = method_class(self.method)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        args_cls = getattr(cls, "args_cls", None)
+        try:
+            if args_cls is not None and dataclasses.is_dataclass(args_cls) and "args" not in self.method_args:
+                cls(args=build(args_cls, self.method_args, f"method_args of {self.method!r}"))
+            else:
+                cls(**self.method_args)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"method_args of {self.method!r}: {exc}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown RunConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        """A RunConfig from a JSON object; ConfigError (one line, naming the field) for anything else."""
+        return build(cls, d, "RunConfig")
 
     def display_name(self) -> str:
         mode = self.grip.mode if self.grip.mode != "off" else "vanilla"

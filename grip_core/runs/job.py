@@ -82,6 +82,36 @@ def example_batches(examples, batch_size: int, seed: int):
             yield [examples[j] for j in order[i:i + batch_size]]
 
 
+# A run "collapsed" (destroyed the model rather than unlearned) when retain EM fell below this share of the
+# base model's retain EM, from a base that knew something (>= COLLAPSE_MIN_BASE_EM).
+COLLAPSE_RETAIN_RATIO = 0.25
+COLLAPSE_MIN_BASE_EM = 0.2
+
+
+def collapse_check(headline: dict) -> dict:
+    """{"collapsed": bool, "collapse_reason": str} from a summary headline (retain EM vs the base's)."""
+    retain, base = headline.get("retain_em"), headline.get("base_retain_em")
+    if not isinstance(retain, (int, float)) or not isinstance(base, (int, float)) or base != base or retain != retain:
+        return {"collapsed": None, "collapse_reason": "no retain EM to check"}
+    if base >= COLLAPSE_MIN_BASE_EM and retain < COLLAPSE_RETAIN_RATIO * base:
+        return {"collapsed": True, "collapse_reason": (
+            f"retain EM fell from {base:.3f} to {retain:.3f} (below {COLLAPSE_RETAIN_RATIO:.0%} of the base): "
+            "the run destroyed the model's retained knowledge, so its forgetting numbers mean nothing; "
+            "lower the learning rate")}
+    return {"collapsed": False, "collapse_reason": ""}
+
+
+def check_data_matches(config: RunConfig, data: UnlearningData) -> None:
+    """ConfigError when the data is not what the config says made the run (a saved run never misstates it)."""
+    from ..data import SCENARIOS
+    from ..moe.errors import ConfigError
+
+    named = data.name if data.name in SCENARIOS else "custom"
+    if config.scenario in SCENARIOS + ("custom",) and data.name in SCENARIOS + ("custom",) and named != config.scenario:
+        raise ConfigError(f"the config says scenario {config.scenario!r} but the data given is {data.name!r}: "
+                          "the saved run would misstate what made it")
+
+
 def run_unlearning(moe: MoEModel, config: RunConfig, data: UnlearningData | None = None, *,
                    baseline: Baseline | None = None, progress: Callable[[dict], None] | None = None,
                    cancel: threading.Event | Callable[[], bool] | None = None,
@@ -96,8 +126,9 @@ def run_unlearning(moe: MoEModel, config: RunConfig, data: UnlearningData | None
     `dist`: the process's DistributedContext (default: from the environment; one process = no-op).
     """
     dist = dist or DistributedContext.from_env()                                        # [distributed]
-    data = data or UnlearningData.from_scenario(config.scenario, seed=config.seed,
-                                                retain_eval_size=config.eval_examples)
+    config.check_method()                       # bad input fails here, before a run folder exists
+    data = data or UnlearningData.for_config(config)
+    check_data_matches(config, data)
     tok = moe.tokenizer
     writer = RunWriter(runs_dir, new_run_id(config.display_name())) if save and dist.is_main else None  # [distributed] rank 0 writes
     if writer:
@@ -191,6 +222,8 @@ def run_unlearning(moe: MoEModel, config: RunConfig, data: UnlearningData | None
             "grip_ms_median": 1000 * float(np.median(grip_seconds)) if grip_seconds else math.nan,
             "steps": len(step_seconds)}
         summary["steps_done"] = len(step_seconds)
+        if isinstance(summary.get("headline"), dict):
+            summary["headline"].update(collapse_check(summary["headline"]))
         if writer:
             writer.write_json("summary.json", summary)
             writer.write_tensors("router_deltas.safetensors", {
@@ -202,6 +235,12 @@ def run_unlearning(moe: MoEModel, config: RunConfig, data: UnlearningData | None
         status, reason, summary, result_model = "cancelled", str(exc), {}, None
     except NonFiniteLossError as exc:
         status, reason, summary, result_model = "stopped", str(exc), {}, None
+    except KeyboardInterrupt:
+        if writer:
+            writer.set_status("cancelled", reason=f"interrupted (Ctrl-C) after step {len(step_log)}",
+                              step=len(step_log))
+            writer.close()
+        raise
     except BaseException as exc:
         if writer:
             writer.set_status("failed", reason=f"{type(exc).__name__}: {exc}", step=step)

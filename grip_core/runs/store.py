@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,20 +26,43 @@ from pathlib import Path
 import torch
 
 from .._paths import DEFAULT_RUNS_DIR  # <repo>/runs in a checkout, ./runs when pip-installed
+from ..moe.errors import RunStoreError
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write to a temp file in the same folder, fsync, then rename over `path`.
+
+    The file gets the permissions a plain open() would give it (0666 less the umask), like
+    metrics.jsonl, not mkstemp's 0600. A failure is a RunStoreError naming `path`, never the temp file.
+    """
+    path = Path(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise RunStoreError(f"cannot write {path}: {exc.strerror or type(exc).__name__}") from exc
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -87,6 +111,7 @@ class RunWriter:
 
         tmp = self.dir / f".{name}.tmp"
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, self.dir / name)
 
     def save_model(self, model, tokenizer=None, delta_of=None) -> None:
@@ -118,6 +143,7 @@ class SavedRun:
     steps: list[dict] = field(default_factory=list)
     summary: dict | None = None
     grip_ranks: dict | None = None
+    error: str | None = None           # set (by list_runs) when the folder could not be read: "<file>: <reason>"
 
     @property
     def run_id(self) -> str:
@@ -126,6 +152,8 @@ class SavedRun:
     @property
     def state(self) -> str:
         """completed / cancelled / failed / stopped, or "incomplete" for a run that died while running."""
+        if self.error:
+            return "unreadable"
         s = self.status.get("status", "unknown")
         return "incomplete" if s == "running" else s
 
@@ -140,38 +168,118 @@ class SavedRun:
         return load_file(str(f)) if f.exists() else {}
 
 
-def _read_json(path: Path, default=None):
+MAX_RUN_FILE_BYTES = 256 * 2**20        # a run's JSON files are KBs; anything this big is not one of ours
+
+
+def _read_text(path: Path) -> str:
+    try:
+        if path.stat().st_size > MAX_RUN_FILE_BYTES:
+            raise RunStoreError(f"{path}: {path.stat().st_size / 2**20:.0f} MB, too large for a run file")
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RunStoreError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise RunStoreError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+
+
+def _parse(path: Path, text: str, line: int | None = None):
+    where = f"{path}:{line}" if line is not None else str(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        at = f"line {exc.lineno}, column {exc.colno}" if line is None else f"column {exc.colno}"
+        raise RunStoreError(f"{where}: not valid JSON ({exc.msg} at {at})") from None
+    except RecursionError:
+        raise RunStoreError(f"{where}: JSON nested too deeply") from None
+
+
+def _read_json(path: Path, default=None, kind: type | tuple = dict):
+    """The JSON object in `path` (`default` if absent); RunStoreError naming the file if it is not one."""
     if not path.exists():
         return default
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    obj = _parse(path, _read_text(path))
+    if not isinstance(obj, kind):
+        raise RunStoreError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    """The step rows of metrics.jsonl. Only an unterminated last line (a write torn by a kill) is skipped."""
+    if not path.exists():
+        return []
+    text = _read_text(path)
+    lines = text.split("\n")
+    steps = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        torn = n == len(lines) and not text.endswith("\n")
+        try:
+            row = _parse(path, line, n)
+        except RunStoreError:
+            if torn:
+                continue
+            raise
+        if not isinstance(row, dict):
+            raise RunStoreError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
+        step = row.get("step")
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
+            raise RunStoreError(f"{path}:{n}: 'step' must be an integer, got {step!r:.40}")
+        steps.append(row)
+    return steps
+
+
+def _check_config(path: Path, config: dict) -> None:
+    for key, kind in (("grip", dict), ("scope", dict), ("method_args", dict), ("label", str), ("method", str),
+                      ("model", str), ("scenario", str)):
+        if key in config and config[key] is not None and not isinstance(config[key], kind):
+            raise RunStoreError(f"{path}: field {key!r} must be a {kind.__name__}, got {type(config[key]).__name__}")
+
+
+def _check_status(path: Path, status: dict) -> None:
+    if not isinstance(status.get("status"), str):
+        raise RunStoreError(f"{path}: 'status' must be a string, got {status.get('status')!r:.40}")
+
+
+def _check_summary(path: Path, summary: dict | None) -> None:
+    if summary is None:
+        return
+    for key, value in summary.items():
+        if key in ("headline", "probes", "base_probes", "routing_retain", "routing_forget", "attribution_retain",
+                   "attribution_forget", "restoration", "timing", "grip") and not isinstance(value, dict):
+            raise RunStoreError(f"{path}: {key!r} must be a JSON object, got {type(value).__name__}")
 
 
 def load_run(path: Path | str) -> SavedRun:
+    """Every readable part of a run folder; RunStoreError naming the file (and line) that is not readable."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a GRIP Studio run folder (no config.json)")
-    steps = []
-    metrics = path / "metrics.jsonl"
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            try:
-                steps.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a torn last line from a killed process
-    return SavedRun(path, _read_json(path / "config.json"), _read_json(path / "status.json", {"status": "running"}),
-                    steps, _read_json(path / "summary.json"), _read_json(path / "grip_ranks.json"))
+        raise RunStoreError(f"{path} is not a GRIP Studio run folder (no config.json)")
+    config = _read_json(path / "config.json")
+    _check_config(path / "config.json", config)
+    status = _read_json(path / "status.json", {"status": "running"})
+    _check_status(path / "status.json", status)
+    steps = _read_metrics(path / "metrics.jsonl")
+    summary = _read_json(path / "summary.json")
+    _check_summary(path / "summary.json", summary)
+    return SavedRun(path, config, status, steps, summary, _read_json(path / "grip_ranks.json"))
 
 
 def list_runs(root: Path | str | None = None) -> list[SavedRun]:
-    """Every readable run under `root`, newest first; unreadable folders are skipped."""
+    """Every run folder under `root`, newest first. A folder with a config.json that cannot be read is
+    still listed, as state "unreadable" with `error` "<file>: <reason>" (never silently dropped)."""
     root = Path(root or DEFAULT_RUNS_DIR)
     runs = []
-    for d in sorted(root.glob("*/"), reverse=True) if root.exists() else []:
+    try:
+        folders = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")), reverse=True) \
+            if root.is_dir() else []
+    except OSError as exc:
+        raise RunStoreError(f"{root}: cannot list the run store ({exc.strerror or type(exc).__name__})") from None
+    for d in folders:
+        if not (d / "config.json").exists():
+            continue            # not a run folder (e.g. a study's cells/)
         try:
             runs.append(load_run(d))
-        except (FileNotFoundError, ValueError):
-            continue
+        except RunStoreError as exc:
+            runs.append(SavedRun(d, {}, {"status": "unreadable", "reason": str(exc)}, error=str(exc)))
     return runs
