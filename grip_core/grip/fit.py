@@ -158,7 +158,7 @@ F32_EIG_TOL = 16.0
 MAX_SPAN_ANGLE = 1e-3       # a float32 span is kept only if Davis-Kahan bounds its angle to float64's by this
 # the float64 check that no eigenvalue inside the float32 error band exceeds eps_null (block Lanczos, see
 # _complement_max_below): Krylov blocks of CERT_BLOCK random vectors, CERT_STEPS blocks, accept at (1 - δ)·eps
-CERT_BLOCK, CERT_STEPS, CERT_DELTA = 32, 10, 0.1
+CERT_BLOCK, CERT_STEPS, CERT_DELTA = 16, 12, 0.1
 
 
 def _eigh_float64(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +176,7 @@ def _complement_max_below(g: torch.Tensor, Q: torch.Tensor, bound: float, gen: t
     its largest Ritz value θ never exceeds λ_max, and we accept only θ ≤ (1 − δ)·bound. Kuczyński and
     Woźniakowski (1992): one Lanczos run of q steps from a uniform random start has
     P(θ < (1 − δ)λ_max) ≤ 1.648·√d'·exp(−(2q − 1)√δ); the block Krylov space holds each of its b starts'
-    single-vector spaces, so a wrong acceptance has probability ≤ that^b (d' 2048, q 10, δ 0.1, b 32: 1e-24).
+    single-vector spaces, so a wrong acceptance has probability ≤ that^b (d' 2048, q 12, δ 0.1, b 16: 3e-21).
     Written by hand: torch.lobpcg and scipy's ARPACK report convergence, not this bound.
     """
     d, r = g.shape[0], Q.shape[1]
