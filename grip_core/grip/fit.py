@@ -159,6 +159,7 @@ MAX_SPAN_ANGLE = 1e-3       # a float32 span is kept only if Davis-Kahan bounds 
 # the float64 check that no eigenvalue inside the float32 error band exceeds eps_null (block Lanczos, see
 # _complement_max_below): Krylov blocks of CERT_BLOCK random vectors, CERT_STEPS blocks, accept at (1 - δ)·eps
 CERT_BLOCK, CERT_STEPS, CERT_DELTA = 16, 12, 0.1
+AUTO_MIN_DIM = 512           # below this width float64 eigh is cheaper than float32's checks (measured at d' 128)
 
 
 def _eigh_float64(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,7 +279,7 @@ def eig_basis(gram: torch.Tensor, config: GRIPConfig, device: torch.device | str
     """gram (E, d', d') float64 -> (E x U_j (d', r_j) in config.basis_dtype, σ² (E, d') descending), on CPU.
 
     One expert at a time: the peak on top of the Grams is ONE d' x d' eigenvector matrix, not E.
-    config.fit_solver "auto": float32 eigh where certified (_eigh_float32_certified), else float64;
+    config.fit_solver "auto": float32 eigh where certified (_eigh_float32_certified) and d' ≥ AUTO_MIN_DIM, else float64;
     "float64": float64 eigh always. `device` (e.g. the model's CUDA device) runs the eigh there.
     `report` (optional dict) counts experts by solver: {"float32": n, "float32_checked": n, "float64": n}.
     """
@@ -287,7 +288,8 @@ def eig_basis(gram: torch.Tensor, config: GRIPConfig, device: torch.device | str
     gen = torch.Generator().manual_seed(config.seed)
     for j in range(gram.shape[0]):
         g = gram[j].to(device) if device is not None else gram[j]
-        out = _eigh_float32_certified(g, config, gen) if config.fit_solver == "auto" else None
+        auto = config.fit_solver == "auto" and g.shape[0] >= AUTO_MIN_DIM
+        out = _eigh_float32_certified(g, config, gen) if auto else None
         if out is None:
             evals, evecs = _eigh_float64(g)
             r = int(threshold_ranks(evals, config.threshold_kind, config.eps_null, config.energy))
