@@ -58,7 +58,7 @@ class GRIPConfig:
         how each expert's Gram X_jᵀX_j is decomposed after the streaming pass (grip/fit.py,
         `eig_basis`). The Grams are always accumulated in float64, and both solvers keep the same
         ranks and (up to float32 accuracy) the same spans U_j.
-        "auto"    (default) eigh in float32 (about half the float64 time) where the spectrum
+        "auto"    (default) eigh in float32 (about half the float64 time) at d' ≥ 512 where the spectrum
                   CERTIFIES the float64 result: the kept rank is decided by eigenvalues farther than
                   the float32 error bound from the threshold (plus, for an absolute threshold with
                   eigenvalues inside that bound, a float64 check that none of them exceeds eps_null),
