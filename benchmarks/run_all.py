@@ -1,6 +1,6 @@
 """Run every benchmark and print one summary table (ratios first); writes benchmarks/results/summary.json.
 
-    python benchmarks/run_all.py --quick            # all four, ≤ 5 min on 2 shared cores
+    python benchmarks/run_all.py --quick            # all of them, ≤ 5 min on 2 shared cores
     python benchmarks/run_all.py                    # the full configurations (tens of minutes)
     python benchmarks/run_all.py --quick --skip-app --only step_overhead,fit_scaling
 
@@ -19,13 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _common as C  # noqa: E402
 
-ORDER = ["step_overhead", "fit_scaling", "real_shapes", "capture_and_app"]
-TARGETS = {"step_ratio": "≤ 1.05", "olmoe_state_within_2gb": "True", "state_gb[olmoe]": "≤ 2", "fit_r2": "≈ 1 (linear)"}
+ORDER = ["step_overhead", "fit_scaling", "real_shapes", "fit_real_width", "capture_and_app"]
+TARGETS = {"step_ratio": "≤ 1.05", "fit_s_layer[auto]": "≤ 30", "fit_max_principal_angle": "≈ 0", "olmoe_state_within_2gb": "True", "state_gb[olmoe]": "≤ 2", "fit_r2": "≈ 1 (linear)"}
 # a tiny configuration for the smoke test: the tiny random OLMoE, a handful of steps, narrow routers
 TINY = {
     "step_overhead": dict(steps=2, warmup=1, batch_size=4, fit_examples=32),
     "fit_scaling": dict(sizes=[150, 300], repeats=1),
     "real_shapes": dict(d_override=128, fit_experts=2, tokens_per_expert=96, layers=1, step_reps=1, r_sig=32),
+    "fit_real_width": dict(d_override=128, experts=1, tokens=2048),
     "capture_and_app": dict(skip_app=True, batches=1, repeats=1),
 }
 
@@ -48,7 +49,7 @@ def run_all(quick: bool = True, only: list[str] | None = None, skip_app: bool = 
     docs, rows = {}, []
     for name in names:
         kwargs = dict(quick=quick, out_dir=out_dir, threads=threads)
-        if name != "real_shapes":
+        if name not in ("real_shapes", "fit_real_width"):
             kwargs.update(model=model, world=world)
         if name == "capture_and_app":
             kwargs["skip_app"] = skip_app

@@ -18,6 +18,7 @@ Mode = Literal["update", "gradient", "off"]
 ThresholdKind = Literal["absolute", "relative"]
 MarginMethod = Literal["scale", "kaczmarz"]
 BasisDtype = Literal["float32", "float16"]
+FitSolver = Literal["auto", "float64"]
 RidgeForm = Literal["delta", "paper"]
 
 
@@ -56,6 +57,20 @@ class GRIPConfig:
         |entries| <= 1 and float16's 2^-11 relative rounding is the only cost; projections still
         run in float32). fit_layers_per_pass: 0 = every layer's Grams in one pass (L·E·d'²·8
         bytes); n > 0 = n layers per pass over the retain batches (n·E·d'²·8 bytes, L/n passes).
+    fit_solver
+        how each expert's Gram X_jᵀX_j is decomposed after the streaming pass (grip/fit.py,
+        `eig_basis`). The Grams are always accumulated in float64, and both solvers keep the same
+        ranks and (up to float32 accuracy) the same spans U_j.
+        "auto"    (default) eigh in float32 (about half the float64 time) at d' ≥ 512 where the spectrum
+                  CERTIFIES the float64 result: the kept rank is decided by eigenvalues farther than
+                  the float32 error bound from the threshold (plus, for an absolute threshold with
+                  eigenvalues inside that bound, a float64 check that none of them exceeds eps_null),
+                  and the eigen-gap bounds the span's angle to the float64 span by 1e-3 rad. Any
+                  expert that fails a check is redone in float64, so the ranks always equal "float64"'s.
+                  The stored spectrum is then float32-accurate (±16·2⁻²³·σ²_max), so `rank_table`
+                  what-ifs at a threshold that close to an eigenvalue may differ from a float64 refit.
+        "float64" eigh of every Gram in float64 (the reference path).
+        On CUDA (a model on the GPU) the Grams and the eigh run there.
     drift_every
         0 = off. Every N steps: re-capture the probe's router inputs from the CURRENT model,
         ridge-steer the routers toward the ORIGINAL scores on them, refit the constraints on the
@@ -79,6 +94,7 @@ class GRIPConfig:
     probe_tokens: int = 4096
     basis_dtype: BasisDtype = "float32"
     fit_layers_per_pass: int = 0
+    fit_solver: FitSolver = "auto"
     drift_every: int = 0
     ridge_lambda: float = 1e-6
     ridge_form: RidgeForm = "delta"
@@ -93,7 +109,8 @@ class GRIPConfig:
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
         for name, kind in (("mode", Mode), ("threshold_kind", ThresholdKind), ("margin_method", MarginMethod),
-                           ("ridge_form", RidgeForm), ("basis_dtype", BasisDtype)):
+                           ("ridge_form", RidgeForm), ("basis_dtype", BasisDtype),
+                           ("fit_solver", FitSolver)):
             if getattr(self, name) not in get_args(kind):
                 raise ConfigError(f"{name} must be one of {get_args(kind)}, got {getattr(self, name)!r}")
         if self.eps_null < 0:
@@ -115,7 +132,7 @@ class GRIPConfig:
         """The fields that decide what GRIP.fit computes (not how steps are constrained): two configs with
         the same key fit the same GRIPState on the same model and retain batches."""
         return (self.threshold_kind, self.eps_null, self.energy, self.max_margin_rows, self.probe_tokens,
-                self.seed, self.basis_dtype, self.fit_layers_per_pass)
+                self.seed, self.basis_dtype, self.fit_layers_per_pass, self.fit_solver)
 
     @classmethod
     def from_dict(cls, data: dict) -> "GRIPConfig":
