@@ -47,7 +47,12 @@ def _char_tokenizer():
 
 
 def _load(source: str) -> MoEModel:
-    if source.startswith("tiny:"):
+    """Load a model key (app/lib/loading.py): "demo", "tiny:FAMILY", a path, or "path#device,dtype[,map]"."""
+    from app.lib.loading import parse_key
+
+    name, opts = parse_key(source)
+    if name.startswith("tiny:"):
+        source = name
         from grip_core.moe.tiny import build_tiny_model
 
         model = build_tiny_model(source.split(":", 1)[1])
@@ -58,13 +63,46 @@ def _load(source: str) -> MoEModel:
         except Exception:  # noqa: BLE001 - an older transformers
             pass
         return MoEModel(model, _char_tokenizer(), name=source)
-    return load_model(source)
+    return load_model(name, **opts)
 
 
 @st.cache_resource(show_spinner=False, max_entries=3)
 def base_model(source: str) -> MoEModel:
-    """The shared, read-only base model of `source` ("demo", a checkpoint directory, or tiny:FAMILY)."""
+    """The shared, read-only base model of the model key `source` ("demo", a checkpoint directory, tiny:FAMILY,
+    or "path#device,dtype[,device_map]": the same path in float32 and bfloat16 are two models)."""
     return _load(source)
+
+
+def load_base(source: str) -> MoEModel:
+    """base_model(source), with an out-of-memory turned into a ModelLoadError and its memory released.
+
+    A load that raises is not cached by st.cache_resource, so no half-loaded model stays shared.
+    """
+    from app.lib.loading import is_oom, oom_error, release_memory
+
+    try:
+        return base_model(source)
+    except Exception as exc:  # noqa: BLE001 - MemoryError and torch.OutOfMemoryError are Exceptions
+        if not is_oom(exc):
+            raise
+        err = oom_error(source, exc)
+    release_memory()                # after the except block: the traceback (and the partial model) is gone
+    raise err
+
+
+def load_private(source: str) -> MoEModel:
+    """A fresh model of the model key `source`, owned by the caller (never the shared cache): Diagnose
+    applies an unlearned checkpoint into it in place. Out-of-memory becomes a ModelLoadError."""
+    from app.lib.loading import is_oom, oom_error, release_memory
+
+    try:
+        return _load(source)
+    except Exception as exc:  # noqa: BLE001
+        if not is_oom(exc):
+            raise
+        err = oom_error(source, exc)
+    release_memory()
+    raise err
 
 
 @st.cache_resource(show_spinner=False)
