@@ -11,3 +11,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # inherited by the subproc
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def real_width_checkpoint(tmp_path_factory):
+    """A random OLMoE at OLMoE-1B-7B's real width (hidden 2048, 64 experts, top-8), one layer, sharded Hub
+    layout in bfloat16: 0.42 B parameters, 0.84 GB on disk. Built once per test session (~10 s)."""
+    from grip_core.moe.tiny import build_real_width_checkpoint
+
+    return build_real_width_checkpoint(tmp_path_factory.mktemp("real_width") / "olmoe-real-width", num_layers=1)

@@ -46,20 +46,28 @@ def _char_tokenizer():
                                    unk_token="<unk>")
 
 
-def load_checkpoint(source: str) -> MoEModel:
+def load_checkpoint(source: str, **opts) -> MoEModel:
     """load_model for a path typed into the browser: a failure says only "not a readable checkpoint directory",
     never whether the server has such a path (missing / not a folder / no weights read the same)."""
     from grip_core.moe.errors import ModelLoadError
+    from grip_core.moe.memory import ModelTooLargeError
 
     try:
-        return load_model(source)
+        return load_model(source, **opts)
+    except ModelTooLargeError:
+        raise                                   # the memory numbers are what the user needs to see
     except ModelLoadError:
         raise ModelLoadError(f"{source}: not a readable checkpoint directory (a folder with config.json and "
                              "*.safetensors weights that this server can read)") from None
 
 
 def _load(source: str) -> MoEModel:
-    if source.startswith("tiny:"):
+    """Load a model key (app/lib/loading.py): "demo", "tiny:FAMILY", a path, or "path#device,dtype[,map]"."""
+    from app.lib.loading import parse_key
+
+    name, opts = parse_key(source)
+    if name.startswith("tiny:"):
+        source = name
         from grip_core.moe.tiny import build_tiny_model
 
         model = build_tiny_model(source.split(":", 1)[1])
@@ -70,13 +78,46 @@ def _load(source: str) -> MoEModel:
         except Exception:  # noqa: BLE001 - an older transformers
             pass
         return MoEModel(model, _char_tokenizer(), name=source)
-    return load_model(source) if source == "demo" else load_checkpoint(source)
+    return load_model(name, **opts) if name == "demo" else load_checkpoint(name, **opts)
 
 
 @st.cache_resource(show_spinner=False, max_entries=3)
 def base_model(source: str) -> MoEModel:
-    """The shared, read-only base model of `source` ("demo", a checkpoint directory, or tiny:FAMILY)."""
+    """The shared, read-only base model of the model key `source` ("demo", a checkpoint directory, tiny:FAMILY,
+    or "path#device,dtype[,device_map]": the same path in float32 and bfloat16 are two models)."""
     return _load(source)
+
+
+def load_base(source: str) -> MoEModel:
+    """base_model(source), with an out-of-memory turned into a ModelLoadError and its memory released.
+
+    A load that raises is not cached by st.cache_resource, so no half-loaded model stays shared.
+    """
+    from app.lib.loading import is_oom, oom_error, release_memory
+
+    try:
+        return base_model(source)
+    except Exception as exc:  # noqa: BLE001 - MemoryError and torch.OutOfMemoryError are Exceptions
+        if not is_oom(exc):
+            raise
+        err = oom_error(source, exc)
+    release_memory()                # after the except block: the traceback (and the partial model) is gone
+    raise err
+
+
+def load_private(source: str) -> MoEModel:
+    """A fresh model of the model key `source`, owned by the caller (never the shared cache): Diagnose
+    applies an unlearned checkpoint into it in place. Out-of-memory becomes a ModelLoadError."""
+    from app.lib.loading import is_oom, oom_error, release_memory
+
+    try:
+        return _load(source)
+    except Exception as exc:  # noqa: BLE001
+        if not is_oom(exc):
+            raise
+        err = oom_error(source, exc)
+    release_memory()
+    raise err
 
 
 @st.cache_resource(show_spinner=False)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
 import streamlit as st
 
-from app.lib import state, ui
+from app.lib import loading, state, ui
 from grip_core import viz
 
 ui.page_header("Diagnose", "Give an original and an unlearned checkpoint of the same MoE and the forget / retain "
@@ -18,12 +19,77 @@ try:
 except ImportError:  # pragma: no cover - an older build
     _diagnose = None
 
+# ----------------------------------------------------------------------------- saved runs with weights
+NO_RUN = "none: type the checkpoint paths below"
+
+
+def _has_weights(run) -> bool:
+    return (run.path / "model").is_dir()
+
+
+def _run_base(run) -> str:
+    """The base a run's weights belong to: the delta's base, else the model the run was made from."""
+    from grip_core.moe.delta import is_delta_dir, read_delta_manifest
+
+    if is_delta_dir(run.path / "model"):
+        return str(read_delta_manifest(run.path / "model")["base"])
+    return loading.parse_key(str(run.config.get("model") or "demo"))[0]
+
+
+def _run_label(run) -> str:
+    cfg = run.config
+    what = " · ".join(str(v) for v in (cfg.get("method"), (cfg.get("grip") or {}).get("mode") and
+                                       f"GRIP {cfg['grip']['mode']}", run.state) if v)
+    return f"{run.run_id} ({what}) — " + ("weights saved" if _has_weights(run) else "no weights")
+
+
+runs = {}
+try:
+    from grip_core.runs.store import list_runs
+
+    runs = {r.run_id: r for r in list_runs(state.runs_dir())}
+except Exception as exc:  # noqa: BLE001
+    st.error(f"**Could not list the saved runs** — {ui.error_message(exc)}", icon=":material/error:")
+
+
+def _pick_run() -> None:
+    """Fill the checkpoint fields from the picked run (before the form's widgets are drawn)."""
+    run = runs.get(st.session_state.get("dg_run"))
+    if run is not None and _has_weights(run):
+        try:
+            st.session_state["dg_base"] = _run_base(run)
+        except Exception as exc:  # noqa: BLE001 - shown below the picker
+            st.session_state["dg_pick_error"] = ui.error_message(exc)
+        st.session_state["dg_unlearned"] = str(run.path / "model")
+
+
+st.session_state.setdefault("dg_base", "demo")
+st.session_state.setdefault("dg_unlearned", "")
+picked = st.selectbox("Saved run to diagnose", [NO_RUN] + list(runs), key="dg_run", on_change=_pick_run,
+                      format_func=lambda r: r if r == NO_RUN else _run_label(runs[r]),
+                      help="runs saved with their unlearned weights (Unlearn page: “Save the unlearned weights”) "
+                           "fill in the two checkpoints below")
+if picked in runs and not _has_weights(runs[picked]):
+    st.warning(f"Run `{picked}` saved no weights, so it cannot be diagnosed: run it again with “Save the unlearned "
+               "weights” ticked on the Unlearn page.", icon=":material/warning:")
+if st.session_state.get("dg_pick_error"):
+    st.error(f"**Could not read the run's base model** — {st.session_state.pop('dg_pick_error')}",
+             icon=":material/error:")
+
 with st.form("dg_form"):
     c1, c2 = st.columns(2)
-    base = c1.text_input("Original (base) checkpoint", value="demo", key="dg_base",
+    base = c1.text_input("Original (base) checkpoint", key="dg_base",
                          help='"demo" or a local directory with config.json + *.safetensors')
-    unlearned = c2.text_input("Unlearned checkpoint directory", value="", key="dg_unlearned",
-                              placeholder="runs/<run id>/model  or  /path/to/unlearned")
+    unlearned = c2.text_input("Unlearned checkpoint directory", key="dg_unlearned",
+                              placeholder="runs/<run id>/model  or  /path/to/unlearned",
+                              help="a full checkpoint or a GRIP Studio weight delta: its tensors are streamed "
+                                   "into the base model (one model in memory)")
+    o1, o2, o3 = st.columns(3)
+    dg_device = o1.selectbox("Device", loading.device_options(), key="dg_device")
+    dg_dtype = o2.selectbox("Dtype", loading.DTYPE_OPTIONS, key="dg_dtype",
+                            help="the base is loaded privately in this dtype, and the unlearned tensors into it")
+    dg_device_map = (o3.selectbox("Device map", loading.DEVICE_MAP_OPTIONS, key="dg_device_map")
+                     if loading.gpu_machine() else None)
     f1, f2, f3 = st.columns(3)
     types = ["jsonl", "json", "csv", "tsv"]
     forget = f1.file_uploader("Forget set", type=types, key="dg_forget", max_upload_size=state.MAX_UPLOAD_MB)
@@ -66,21 +132,39 @@ def _data(tmp: Path, n: int, seed: int):
     return UnlearningData(capped["forget"], train, held, capped.get("holdout", []), name="diagnose")
 
 
+def _private_base(name: str, box):
+    """A freshly loaded base model owned by this diagnosis (never the shared cache: it is changed in place)."""
+    from grip_core.moe.memory import ensure_fits
+
+    if name.startswith("tiny:"):
+        return state.load_private(name)
+    limit = float(os.environ.get("GRIP_STUDIO_MEMORY_LIMIT_GB") or 0) or None
+    plan, note = loading.plan_for(name, dg_device, dg_dtype, dg_device_map, limit)
+    box.write(f"Memory plan: {plan.describe()}" + (f" · {note}" if note else ""))
+    ensure_fits(plan)                               # refuses with the numbers before any weight is read
+    box.write(f"Loading a private copy of the base model `{name}` ({plan.dtype} on {plan.device}) …")
+    return state.load_private(loading.model_key(name, plan.device, plan.dtype, plan.device_map))
+
+
 if go and _diagnose is not None:
-    if not unlearned.strip():
-        st.error("**Give the unlearned checkpoint directory.**", icon=":material/error:")
+    base_name, new_path = base.strip(), unlearned.strip()
+    failure = None
+    if not new_path:
+        failure = "give the unlearned checkpoint directory (or pick a saved run with weights)"
+    elif not Path(new_path).expanduser().exists():
+        failure = f"{new_path}: not a readable checkpoint directory"
+    elif not base_name:
+        failure = "give the original (base) checkpoint"
     else:
         with tempfile.TemporaryDirectory() as tmp, st.status("Diagnosing …", expanded=True) as box:
+            base_moe = None
             try:
-                from grip_core import load_model
                 from grip_core.metrics.probes import exact_match_accuracy
                 from grip_core.runs.verdict import base_knowledge_warning
 
                 box.write("Reading the forget / retain data …")
                 data = _data(Path(tmp), int(n_examples), 0)
-                box.write(f"Loading the base model `{base.strip()}` …")
-                base_moe = (state.private_copy(base.strip()) if base.strip() == state.current_source()
-                            else state.load_checkpoint(base.strip()))
+                base_moe = _private_base(base_name, box)
                 box.write("Checking that the base model knows the forget set …")
                 unknown = base_knowledge_warning(exact_match_accuracy(base_moe, data.forget), len(data.forget))
                 st.session_state["dg_warning"] = unknown
@@ -89,15 +173,20 @@ if go and _diagnose is not None:
                     box.update(label="Cannot diagnose: the base model does not know the forget set", state="error",
                                expanded=False)
                 else:
-                    box.write(f"Loading the unlearned model `{unlearned.strip()}` …")
-                    new_moe = state.load_checkpoint(unlearned.strip())
-                    box.write("Measuring: probes, routing of both models, attribution, restoration attack …")
-                    result = _diagnose(base_moe, new_moe, data, seed=0, eval_examples=int(n_examples))
+                    box.write("Measuring the base, then streaming the unlearned checkpoint's changed tensors into "
+                              "it and measuring again: probes, routing, attribution, restoration attack …")
+                    result = _diagnose(base_moe, str(Path(new_path).expanduser()), data, seed=0,
+                                       eval_examples=int(n_examples))
                     st.session_state["dg_report"] = result.to_dict()
                     box.update(label=f"Diagnosis complete: {result.verdict}", state="complete", expanded=False)
-            except Exception as exc:  # noqa: BLE001
-                box.update(label="Diagnosis failed", state="error")
-                st.error(f"**Could not diagnose** — {ui.error_message(exc)}", icon=":material/error:")
+            except Exception as exc:  # noqa: BLE001 - shown below, outside the status box
+                failure = ui.error_message(loading.oom_error(base_name, exc) if loading.is_oom(exc) else exc)
+                box.update(label="Diagnosis failed", state="error", expanded=False)
+            finally:
+                base_moe = None                     # the private (now unlearned) model goes now, not at the next GC
+                loading.release_memory()
+    if failure:
+        st.error(f"**Could not diagnose** — {failure}", icon=":material/error:")
 
 if st.session_state.get("dg_warning"):
     st.warning(f"**Cannot diagnose.** {st.session_state['dg_warning']}", icon=":material/warning:")

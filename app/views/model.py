@@ -2,12 +2,73 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import pandas as pd
 import streamlit as st
 
-from app.lib import state, ui
+from app.lib import loading, state, ui
 from grip_core import viz
+from grip_core.moe.memory import fmt_bytes
+
+
+
+def _resident_bytes() -> int:
+    """Resident memory of this server process (VmRSS: anonymous + mapped file pages); 0 where unknown."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _load_with_progress(key: str, plan) -> None:
+    """Load the shared model `key` in a worker thread while a progress bar advances.
+
+    What the bar measures: transformers has no per-tensor callback, so phases (headers read →
+    weights → routers) set its ends, and while the weights load it follows the growth of this
+    process's resident memory against the plan's byte count (safetensors pages are resident once
+    read; dtype conversion allocates the copy). Other sessions' work in the same process moves that
+    number too: it is an honest estimate, capped below 100 % until the load returns.
+    """
+    bar = st.progress(0.05, text="Memory plan read from the safetensors headers …")
+    need = plan.need_bytes if plan is not None else 0
+    box: dict = {}
+
+    def work():
+        try:
+            box["moe"] = state.load_base(key)
+        except BaseException as exc:  # noqa: BLE001 - reported on the page
+            box["error"] = exc
+
+    rss0, t0 = _resident_bytes(), time.time()
+    worker = threading.Thread(target=work, name="grip-load-model", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.5)
+        grown = max(0, _resident_bytes() - rss0)
+        frac = min(0.9, 0.05 + 0.85 * grown / need) if need else 0.05
+        bar.progress(frac, text=f"Loading weights and tokenizer … {time.time() - t0:.0f} s"
+                                + (f" · {fmt_bytes(grown)} of {fmt_bytes(need)} resident" if need else ""))
+    if "error" in box:
+        exc = box.pop("error")
+        bar.empty()
+        st.error(f"**Could not load `{loading.key_label(key)}`** — {ui.error_message(exc)}", icon=":material/error:")
+        del exc
+        return
+    bar.progress(0.92, text=f"Weights loaded in {time.time() - t0:.0f} s; discovering the routers …")
+    try:
+        state.describe(key)
+    except Exception as exc:  # noqa: BLE001
+        bar.empty()
+        st.error(f"**Could not read the model's routers** — {ui.error_message(exc)}", icon=":material/error:")
+        return
+    bar.progress(1.0, text=f"Loaded `{loading.key_label(key)}` in {time.time() - t0:.0f} s")
+    st.session_state["model_source"] = key
+
 
 ui.page_header("Model", "Which MoE, which routers, which data. Everything else in GRIP Studio uses what you pick here.")
 
@@ -16,35 +77,60 @@ DEMO, LOCAL, TINY = "Demo MoE (shipped with GRIP Studio)", "Local checkpoint dir
 options = [DEMO, LOCAL] + ([TINY] if os.environ.get("GRIP_STUDIO_DEV") or state.current_source().startswith("tiny:")
                           else [])
 source = state.current_source()
-index = 2 if source.startswith("tiny:") and TINY in options else (0 if source == "demo" else 1)
+index = 2 if source.startswith("tiny:") and TINY in options else (0 if loading.parse_key(source)[0] == "demo" else 1)
 
 left, right = st.columns([2, 3], gap="large")
 with left:
     kind = st.radio("Model", options, index=index, key="model_kind")
     if kind == DEMO:
-        wanted = "demo"
+        name = "demo"
         if not state.demo_available():
             st.warning("The demo model is not built yet (expected in `data/demo_model/`). "
                        "Rebuild it with `python -m grip_core.demo` or load a local checkpoint.",
                        icon=":material/warning:")
     elif kind == TINY:
-        wanted = state.DEV_TINY
+        name = state.DEV_TINY
     else:
+        source_name = loading.parse_key(source)[0]
         path = st.text_input("Checkpoint directory (config.json + *.safetensors)",
-                             value="" if source in ("demo",) or source.startswith("tiny:") else source,
+                             value="" if source_name == "demo" or source.startswith("tiny:") else source_name,
                              placeholder="/path/to/an/moe-checkpoint", key="model_path")
-        wanted = path.strip()
-    load_clicked = st.button("Load model", type="primary", key="load_model", disabled=not wanted)
-    if load_clicked or (wanted == source):
-        if load_clicked:
-            with st.status(f"Loading `{wanted}` …", expanded=False) as status_box:
-                try:
-                    state.base_model(wanted)
-                    st.session_state["model_source"] = wanted
-                    status_box.update(label=f"Loaded `{wanted}`", state="complete")
-                except Exception as exc:  # noqa: BLE001
-                    status_box.update(label="Could not load the model", state="error")
-                    st.error(f"**Could not load `{wanted}`** — {ui.error_message(exc)}", icon=":material/error:")
+        name = path.strip()
+    plan, plan_error, chosen = None, None, ("auto", "auto", None)
+    if kind != TINY:
+        o1, o2 = st.columns(2)
+        device = o1.selectbox("Device", loading.device_options(), key="model_device",
+                              help="auto: the GPU when there is one, else the CPU")
+        dtype = o2.selectbox("Dtype", loading.DTYPE_OPTIONS, key="model_dtype",
+                             help="auto: bfloat16 on a GPU; on a CPU float32 when it fits (bfloat16 matmuls are "
+                                  "about 3x slower there), else bfloat16")
+        device_map = None
+        if loading.gpu_machine():
+            device_map = st.selectbox("Device map", loading.DEVICE_MAP_OPTIONS, key="model_device_map",
+                                      help="accelerate's big-model loading: weights that do not fit the GPU go to "
+                                           "the CPU (none: everything on the device above)")
+        limit_gb = st.number_input("Memory limit (GB, 0 = none)", min_value=0.0, step=1.0, key="model_mem_limit",
+                                   value=float(os.environ.get("GRIP_STUDIO_MEMORY_LIMIT_GB") or 0.0),
+                                   help="on a shared machine: refuse a model that needs more than this, even if "
+                                        "more memory is free")
+        chosen = (device, dtype, device_map)
+        if name:
+            # the plan reads config.json and the safetensors headers only: no weight is loaded here
+            try:
+                plan, plan_note = loading.plan_for(name, device, dtype, device_map, limit_gb or None)
+            except Exception as exc:  # noqa: BLE001
+                plan_error = ui.error_message(exc)
+                st.error(f"**Cannot load `{name}`** — {plan_error}", icon=":material/error:")
+            else:
+                st.markdown(f"**Memory plan:** {plan.describe()}"
+                            + (f" · limit {limit_gb:g} GB" if limit_gb else "") + (f" · {plan_note}" if plan_note else ""))
+                if not plan.fits:
+                    st.error(f"**Will not fit, not loaded** — {plan.refusal()}", icon=":material/memory:")
+    wanted = loading.key_for_plan(name, plan, chosen) if plan is not None else name
+    refused = plan is not None and not plan.fits           # a plan error is already shown above; so is a refusal
+    load_clicked = st.button("Load model", type="primary", key="load_model", disabled=not name or refused)
+    if load_clicked and not refused and plan_error is None:
+        _load_with_progress(wanted, plan)
 
 source = state.current_source()
 with right:
@@ -56,6 +142,9 @@ with right:
             + (" · sel. bias" if l0.get("selection_bias") else "")
         shared = "yes" if any(l.get("shared_experts") for l in layers) else "no"
         st.subheader(f"{info['class']}")
+        loaded_plan = getattr(state.base_model(source), "load_plan", None)
+        st.caption(f"In use: `{loading.key_label(source)}`"
+                   + (f" — {loaded_plan.describe()}" if loaded_plan is not None else ""))
         ui.facts([("Family", info["family"], "the router family GRIP Studio recognised"),
                        ("MoE layers", f"{info['num_moe_layers']} / {info.get('num_decoder_layers') or '?'}",
                         "MoE blocks / decoder layers"),
