@@ -185,8 +185,10 @@ def test_two_process_job_matches_one_process(tmp_path):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = run_unlearning(load_model(src["model"]), RunConfig.from_dict(json.loads(cfg_file.read_text())),
-                             _data(args), runs_dir=tmp_path / "one")
+        cfg = RunConfig.from_dict(json.loads(cfg_file.read_text()))
+        # the data as the CLI builds it for this config (its seed; the retain-eval slice sized eval_examples)
+        one = run_unlearning(load_model(src["model"]), cfg, _data(args, seed=cfg.seed, retain_eval_size=cfg.eval_examples),
+                             runs_dir=tmp_path / "one")
     finally:
         torch.set_num_threads(before)
     assert one.status == "completed"

@@ -44,7 +44,8 @@ moe = grip_core.load_model("demo")
 world = load_demo_world("domain")
 bindir = Path(sysconfig.get_path("scripts"))
 help_ = subprocess.run([str(bindir / "grip-studio"), "--help"], capture_output=True, text=True)
-bad = subprocess.run([str(bindir / "grip-studio"), "trace", "--model", "no-such-model-dir", "--file", "no.jsonl"],
+Path("probe.jsonl").write_text('{"question": "Q?", "answer": "A"}\n')
+bad = subprocess.run([str(bindir / "grip-studio"), "trace", "--model", "no-such-model-dir", "--file", "probe.jsonl"],
                      capture_output=True, text=True)
 print("PROBE " + json.dumps({
     "file": grip_core.__file__, "purelib": sysconfig.get_path("purelib"), "sys_path": sys.path,
@@ -114,7 +115,9 @@ def test_install_into_fresh_venv(tmp_path, editable, clean_repo):
         assert file == site_pkgs / "grip_core" / "__init__.py", f"not imported from the new venv: {r['file']}"
         assert data_dir == site_pkgs / "grip_core" / "_data", r["data_dir"]
         assert (data_dir / "demo_model" / "model.safetensors").is_file()
-        in_repo = [p for p in r["sys_path"] if p and (Path(p).resolve() == ROOT or ROOT in Path(p).resolve().parents)]
+        venv = (ROOT / ".venv").resolve()      # the borrowed dependencies may live in the checkout's .venv
+        in_repo = [p for p in r["sys_path"] if p and (Path(p).resolve() == ROOT or ROOT in Path(p).resolve().parents)
+                   and venv not in Path(p).resolve().parents and Path(p).resolve() != venv]
         assert not in_repo, f"the checkout is on the installed venv's sys.path: {in_repo}"
         assert r["runs_dir"] == "runs"                          # ./runs, never inside site-packages
     assert Path(r["demo_model_dir"]).resolve() == data_dir / "demo_model"

@@ -151,7 +151,7 @@ def test_verdict_thresholds_are_applied_to_numbers():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["trace", "--model", "/no/such/dir", "--file", "x.jsonl"], "does not exist"),
+    (["trace", "--model", "/no/such/dir", "--file", "data/world/domain_forget.jsonl"], "does not exist"),
     (["trace", "--model", "demo", "--file", "/no/such/file.jsonl"], "no/such/file.jsonl"),
     (["compare", "--model", "demo", "--forget-file", "f.jsonl"], "--retain-file"),
 ])
@@ -171,11 +171,14 @@ def test_cli_rejects_non_moe_and_malformed_file(tmp_path):
     bad.write_text('{"question": "q", "answer": "a"}\n{not json\n')
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    for argv, message in [(["trace", "--model", str(tmp_path / "dense"), "--file", str(bad)], "LlamaForCausalLM"),
+    good, good_r = REPO / "data/world/domain_forget.jsonl", REPO / "data/world/domain_retain.jsonl"
+    for argv, message in [(["trace", "--model", str(tmp_path / "dense"), "--file", str(good)], "LlamaForCausalLM"),
                           (["trace", "--model", "demo", "--file", str(bad)], "bad.jsonl:2"),
                           (["trace", "--model", "demo", "--file", str(empty)], "empty"),
                           (["diagnose", "--base", "demo", "--unlearned", str(tmp_path / "dense"),
-                            "--forget-file", str(bad), "--retain-file", str(bad)], "LlamaForCausalLM")]:
+                            "--forget-file", str(good), "--retain-file", str(good_r)], "LlamaForCausalLM"),
+                          (["diagnose", "--base", "demo", "--unlearned", "demo",
+                            "--forget-file", str(bad), "--retain-file", str(good_r)], "bad.jsonl:2")]:
         out = subprocess.run([sys.executable, "-m", "grip_core", *argv], cwd=REPO, capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 2, out.stderr

@@ -87,10 +87,15 @@ def plan_for(name: str, device: str = "auto", dtype: str = "auto", device_map: s
     Reads headers only; raises ModelLoadError for a path that is not a checkpoint.
     """
     from grip_core.moe.delta import is_delta_dir, read_delta_manifest
+    from grip_core.moe.errors import ModelLoadError
     from grip_core.moe.load import _check_dir, resolve_path
 
     path = resolve_path(name)
-    _check_dir(path)
+    try:
+        _check_dir(path)
+    except ModelLoadError:   # never tell the browser which server paths exist
+        raise ModelLoadError(f"{name}: not a readable checkpoint directory (a folder with config.json and "
+                             "*.safetensors weights that this server can read)") from None
     note = ""
     if is_delta_dir(path):
         base = read_delta_manifest(path)["base"]

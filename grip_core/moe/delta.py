@@ -59,9 +59,12 @@ class ApplyReport:
     elements_changed: int = 0
     changed: dict[str, float] = field(default_factory=dict)   # model key -> ||new - old||_F (float64)
     seconds: float = 0.0
+    written: set = field(default_factory=set, repr=False)     # model keys the checkpoint covered
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("written")
+        return d
 
 
 def is_delta_dir(path: str | Path) -> bool:
@@ -116,19 +119,22 @@ def _copy_if_changed(target: torch.Tensor, rows: slice, new: torch.Tensor, repor
     """Copy `new` into target[rows] when it differs (after casting to the target dtype); log ||Δ||."""
     cur = target[rows]
     new = new.to(device=cur.device, dtype=cur.dtype)
+    report.written.add(key)
     if new.shape != cur.shape:
         raise ModelLoadError(f"{report.path}: tensor {key} has shape {tuple(new.shape)} there, "
                              f"{tuple(cur.shape)} in the model (a checkpoint of another architecture?)")
     if torch.equal(cur, new):
         return
-    diff = (new.double() - cur.double())
+    diff = new.double()
+    diff.sub_(cur.double())                                  # float64 ||Δ||: chunks are sized for 8-byte elements
     report.changed[key] = float((report.changed.get(key, 0.0) ** 2 + float(diff.pow(2).sum())) ** 0.5)
     report.elements_changed += int((diff != 0).sum())
     cur.copy_(new)
 
 
 def _rows_per_chunk(shape, itemsize: int, chunk_bytes: int) -> int:
-    row = itemsize
+    """Rows of dim 0 per slice so that one slice in float64 (the ||Δ|| arithmetic) is <= chunk_bytes."""
+    row = max(itemsize, 8)
     for s in shape[1:]:
         row *= int(s)
     return max(1, chunk_bytes // max(row, 1))
@@ -206,6 +212,25 @@ def _apply_hub(model, shards: _Shards, report: ApplyReport, chunk_bytes: int) ->
     report.tensors_changed = len(report.changed)
 
 
+def check_same_architecture(moe, path: str | Path) -> None:
+    """ModelLoadError unless checkpoint `path` (or a delta's config) is of `moe`'s architecture; reads config.json only."""
+    from .load import _check_dir
+
+    path = Path(path)
+    _check_dir(path)
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path / 'config.json'}: unreadable ({exc})") from exc
+    mine = moe.model.config.to_dict()
+    theirs_name = (cfg.get("architectures") or [cfg.get("model_type", "?")])[0]
+    differ = [k for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size") if cfg.get(k) != mine.get(k)]
+    if differ:
+        raise ModelLoadError(f"{path} is a {theirs_name} ({', '.join(f'{k}={cfg.get(k)}' for k in differ)}); the base is "
+                             f"a {type(moe.model).__name__} ({', '.join(f'{k}={mine.get(k)}' for k in differ)}): "
+                             "not the same architecture")
+
+
 def checkpoint_layout(model, path: str | Path) -> str:
     """'delta' (a GRIP Studio delta), 'native' (keys = the model's state-dict keys) or 'hub' (needs conversion)."""
     if is_delta_dir(path):
@@ -214,7 +239,44 @@ def checkpoint_layout(model, path: str | Path) -> str:
     return "native" if keys <= set(_targets(model)) else "hub"
 
 
-def apply_checkpoint(moe, path: str | Path, chunk_bytes: int = 64 << 20) -> ApplyReport:
+def load_streaming(path: str | Path, dtype: torch.dtype, experts_implementation: str | None = None):
+    """Build the model of checkpoint `path` with EMPTY parameters and fill them with `apply_checkpoint`.
+
+    transformers' loader converts a Hub-layout checkpoint by materialising each fused expert tensor
+    next to its per-expert sources (one fused tensor extra, 537 MB at OLMoE width); here every tensor
+    is filled in row slices, so the peak stays at the model plus one slice. The skeleton comes from
+    accelerate's `init_empty_weights` (parameters on the meta device, buffers such as rotary
+    frequencies computed for real), each parameter is then given real, uninitialised CPU storage with
+    accelerate's `set_module_tensor_to_device`. Every parameter must be covered by the checkpoint
+    (tied weights by their tie); anything left uncovered is an error, never random values.
+    """
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .model import MoEModel
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    kw = {"experts_implementation": experts_implementation} if experts_implementation else {}
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kw)
+    for name, p in list(model.named_parameters()):
+        set_module_tensor_to_device(model, name, "cpu", value=torch.empty(p.shape, dtype=p.dtype))
+    model.tie_weights()
+    if (Path(path) / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
+    moe = MoEModel(model.eval())
+    report = apply_checkpoint(moe, path)
+    tied = {k for k, v in model.named_parameters(remove_duplicate=False)} - set(dict(model.named_parameters()))
+    missing = [k for k in dict(model.named_parameters()) if k not in report.written and k not in tied]
+    if missing:
+        raise ModelLoadError(f"{path}: the checkpoint has no values for {len(missing)} parameter(s), e.g. {missing[0]}")
+    return model
+
+
+def apply_checkpoint(moe, path: str | Path, chunk_bytes: int = 32 << 20) -> ApplyReport:
     """Load the weights of checkpoint `path` INTO `moe` in place, copying only the slices that differ.
 
     `path` is a full checkpoint (native or hub layout, sharded or not) or a delta folder. Keys a full

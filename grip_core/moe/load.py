@@ -51,7 +51,8 @@ def _remote_code_refusal(path: Path, exc: Exception) -> ModelLoadError | None:
                           "model code), and GRIP Studio never runs code that comes with a checkpoint")
 
 
-def _from_pretrained(path: Path, plan: LoadPlan, offload_folder: str | None, max_memory: int | None):
+def _from_pretrained(path: Path, plan: LoadPlan, offload_folder: str | None, max_memory: int | None,
+                     low_memory: bool = False):
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(trust_remote_code=False, use_safetensors=True, dtype=getattr(torch, plan.dtype),
@@ -71,6 +72,10 @@ def _from_pretrained(path: Path, plan: LoadPlan, offload_folder: str | None, max
         from .fast_experts import register
 
         kwargs["experts_implementation"] = register()
+        if low_memory:                                  # no fused-expert conversion transient (grip_core/moe/delta.py)
+            from .delta import load_streaming
+
+            return load_streaming(path, kwargs["dtype"], kwargs["experts_implementation"])
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (TypeError, ValueError) as exc:
@@ -83,7 +88,7 @@ def _from_pretrained(path: Path, plan: LoadPlan, offload_folder: str | None, max
 def load_model(name_or_path: str | Path = "demo", device: str | torch.device | None = "auto",
                dtype: str | torch.dtype | None = "auto", device_map: str | None = None,
                offload_folder: str | None = None, check_memory: bool = True,
-               max_memory: int | None = None) -> MoEModel:
+               max_memory: int | None = None, low_memory: bool = False) -> MoEModel:
     """Load `"demo"` (the shipped demo MoE), a local checkpoint directory or a delta folder, never from a hub.
 
     device: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available). dtype: "float32", "bfloat16",
@@ -91,6 +96,8 @@ def load_model(name_or_path: str | Path = "demo", device: str | torch.device | N
     device_map: None, or "auto" / "balanced" / "sequential" for accelerate's big-model loading.
     max_memory: bytes this load may use on the device (default: what is free); with a device_map,
     accelerate offloads what does not fit in it.
+    low_memory: on CPU, fill an empty model slice by slice (delta.load_streaming) instead of
+    transformers' loader, whose Hub-layout conversion holds one fused expert tensor extra; same values.
     A model that does not fit raises ModelTooLargeError before any weight is read (check_memory).
     A missing/incomplete/corrupt directory raises ModelLoadError naming the path; a model
     without MoE blocks raises NotAnMoEModelError.
@@ -104,7 +111,8 @@ def load_model(name_or_path: str | Path = "demo", device: str | torch.device | N
     if is_delta_dir(path):                              # base first, then the changed tensors in place
         manifest = read_delta_manifest(path)
         moe = load_model(manifest["base"], device=device, dtype=dtype, device_map=device_map,
-                         offload_folder=offload_folder, check_memory=check_memory, max_memory=max_memory)
+                         offload_folder=offload_folder, check_memory=check_memory, max_memory=max_memory,
+                         low_memory=low_memory)
         apply_checkpoint(moe, path)
         moe.name = str(path)
         return moe
@@ -112,7 +120,7 @@ def load_model(name_or_path: str | Path = "demo", device: str | torch.device | N
     if check_memory:
         ensure_fits(plan)
     try:
-        model = _from_pretrained(path, plan, offload_folder, max_memory)
+        model = _from_pretrained(path, plan, offload_folder, max_memory, low_memory)
     except Exception as exc:  # corrupt weights, unknown architecture, ...
         refusal = _remote_code_refusal(path, exc)
         if refusal is not None:

@@ -58,11 +58,13 @@ REAL_WIDTH = dict(hidden_size=2048, intermediate_size=1024, num_experts=64, num_
 
 
 def build_real_width_checkpoint(out_dir, num_layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                                max_shard_size: str = "300MB", tokenizer_dir=None, **overrides):
-    """A random OLMoE at OLMoE-1B-7B's real width, saved as a sharded Hub-layout checkpoint in `dtype`.
+                                max_shard_size: str = "300MB", tokenizer_dir=None, layout: str = "hub", **overrides):
+    """A random OLMoE at OLMoE-1B-7B's real width, saved as a sharded checkpoint in `dtype`.
 
-    Uses the demo's tokenizer (vocabulary 1024) unless `tokenizer_dir` is given, so texts can be traced and
-    probed. 2 layers: 0.84 B parameters, 1.7 GB in bfloat16. Returns the output folder.
+    layout "hub": what save_pretrained writes (per-expert keys, as checkpoints on the Hub); "native": the
+    model's own fused keys (as GRIP Studio saves runs). Uses the demo's tokenizer (vocabulary 1024) unless
+    `tokenizer_dir` is given, so texts can be traced and probed. 1 layer: 0.42 B parameters, 0.85 GB in
+    bfloat16; 2 layers: 0.84 B, 1.7 GB. Returns the output folder.
     """
     from pathlib import Path
 
@@ -78,8 +80,13 @@ def build_real_width_checkpoint(out_dir, num_layers: int = 2, seed: int = 0, dty
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     out = Path(out_dir)
-    model.save_pretrained(out, max_shard_size=max_shard_size)
-    tok.save_pretrained(out)
+    if layout == "native":
+        from .delta import save_native
+
+        save_native(model, out, tok, max_shard_bytes=int(max_shard_size.rstrip("MB")) * 10**6)
+    else:
+        model.save_pretrained(out, max_shard_size=max_shard_size)
+        tok.save_pretrained(out)
     del model
     return out
 

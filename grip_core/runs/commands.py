@@ -296,7 +296,7 @@ def cmd_diagnose(args) -> int:
     from .diagnose import diagnose
 
     data = UnlearningData.from_files(args.forget_file, args.retain_file, args.holdout_file, seed=args.seed)
-    base = load_model(args.base, **load_kwargs(args))
+    base = load_model(args.base, **load_kwargs(args), low_memory=True)   # one model in memory, no load transient
     _loaded(base)
     n = args.eval_examples
     d = diagnose(base, args.unlearned, data, seed=args.seed, eval_examples=min(n, 64) if n else 64,

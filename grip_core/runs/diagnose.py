@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..moe import MoEModel
-from ..moe.delta import apply_checkpoint
+from ..moe.delta import apply_checkpoint, check_same_architecture
 from .config import RunConfig
 from .data import UnlearningData
 from .evaluate import Baseline, evaluate_final
@@ -48,6 +48,8 @@ def diagnose(base: MoEModel, unlearned: MoEModel | str | Path, data: UnlearningD
     Footgun: with a path, `base` holds the UNLEARNED weights afterwards (the report says what changed).
     """
     in_place = not isinstance(unlearned, MoEModel)
+    if in_place:
+        check_same_architecture(base, unlearned)           # config.json only: fail before the base is measured
     if not in_place and [l.router_weight.shape for l in base.layers] != [l.router_weight.shape for l in unlearned.layers]:
         raise ValueError("the base and unlearned models have different MoE router shapes: not the same architecture")
     config = RunConfig(seed=seed, eval_examples=eval_examples, final_eval_examples=final_eval_examples,
