@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _common as C  # noqa: E402
 
-ORDER = ["step_overhead", "fit_scaling", "real_shapes", "fit_real_width", "capture_and_app"]
+ORDER = ["step_overhead", "fit_scaling", "real_shapes", "fit_real_width", "real_width", "capture_and_app"]
 TARGETS = {"step_ratio": "≤ 1.05", "fit_s_layer[auto]": "≤ 30", "fit_max_principal_angle": "≈ 0", "olmoe_state_within_2gb": "True", "state_gb[olmoe]": "≤ 2", "fit_r2": "≈ 1 (linear)"}
 # a tiny configuration for the smoke test: the tiny random OLMoE, a handful of steps, narrow routers
 TINY = {
@@ -27,6 +27,7 @@ TINY = {
     "fit_scaling": dict(sizes=[150, 300], repeats=1),
     "real_shapes": dict(d_override=128, fit_experts=2, tokens_per_expert=96, layers=1, step_reps=1, r_sig=32),
     "fit_real_width": dict(d_override=128, experts=1, tokens=2048),
+    "real_width": dict(hidden=256, layers=1, examples=8, repeats=1),
     "capture_and_app": dict(skip_app=True, batches=1, repeats=1),
 }
 
@@ -49,7 +50,7 @@ def run_all(quick: bool = True, only: list[str] | None = None, skip_app: bool = 
     docs, rows = {}, []
     for name in names:
         kwargs = dict(quick=quick, out_dir=out_dir, threads=threads)
-        if name not in ("real_shapes", "fit_real_width"):
+        if name not in ("real_shapes", "fit_real_width", "real_width"):
             kwargs.update(model=model, world=world)
         if name == "capture_and_app":
             kwargs["skip_app"] = skip_app
