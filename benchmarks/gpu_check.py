@@ -2,6 +2,14 @@
 
     python benchmarks/gpu_check.py                       # one CUDA GPU, < 3 min on an H100; prints JSON
     python benchmarks/gpu_check.py --device cpu --tiny   # the CPU smoke test of this script (seconds)
+    python benchmarks/gpu_check.py --user-path           # a user's whole path on one GPU, < 5 min; prints JSON
+    python benchmarks/gpu_check.py --user-path --device cpu --tiny   # its CPU smoke test
+
+--user-path runs what a user does with their own checkpoint, through the public library and CLI code:
+a real-width OLMoE checkpoint written to disk (bf16, sharded Hub layout; --tiny: hidden 256), load_model
+(device/dtype auto), a streamed trace (tokens/s), a vanilla + GRIP GradDiff pair on the demo world's domain
+scenario (routers x30, weights saved as deltas), diagnose of the vanilla run's delta (one model in memory),
+and the Compare figures written as HTML. Each phase's seconds and peak CUDA memory go into the JSON.
 
 Builds a randomly initialised OlmoeForCausalLM (hidden 2048, 64 experts, top-8, intermediate
 1024, vocab 32000, --layers 2 by default) directly on the device in bf16, fits GRIP on ~16k
@@ -52,6 +60,7 @@ def parse_args(argv=None):
                    help="where the eigendecompositions of the fit run (see the module doc)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--user-path", action="store_true", help="load, trace, vanilla + GRIP pair, diagnose, figures")
     args = p.parse_args(argv)
     args.steps = args.steps if args.steps is not None else (4 if args.tiny else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
@@ -180,9 +189,76 @@ def run_mode(moe, state, mode: str, args, forget, retain, device, base_eval, bas
     return out
 
 
+def user_path(args) -> dict:
+    """The user's path on one device (see the module docstring); returns the JSON-able result."""
+    import tempfile
+
+    from grip_core import load_model
+    from grip_core.data import read_qa_file
+    from grip_core.moe.stream import stream_routing
+    from grip_core.moe.tiny import build_real_width_checkpoint
+    from grip_core.runs import load_run
+    from grip_core.runs.compare import compare
+    from grip_core.runs.data import UnlearningData
+    from grip_core.runs.diagnose import diagnose
+    from grip_core.viz.export import runs_figures
+
+    device = torch.device(args.device)
+    out, phases = {}, {}
+    tmp = Path(tempfile.mkdtemp(prefix="grip-user-path-"))
+
+    def phase(name, fn):
+        reset_peak(device)
+        t0 = time.perf_counter()
+        value = fn()
+        sync(device)
+        phases[name] = {"seconds": time.perf_counter() - t0, "peak_cuda_gib": peak_gib(device)}
+        return value
+
+    over = dict(hidden_size=256, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4) if args.tiny else {}
+    ckpt = phase("write_checkpoint", lambda: build_real_width_checkpoint(tmp / "model", num_layers=args.layers, **over))
+    moe = phase("load", lambda: load_model(ckpt, device=args.device, dtype="auto"))
+    out["load_plan"] = moe.load_plan.to_dict()
+    world = Path(__file__).resolve().parents[1] / "data" / "world"
+    qs = read_qa_file(world / "domain_retain.jsonl")[: (64 if args.tiny else 1024)]
+    summary = phase("trace", lambda: stream_routing(moe, qs, token_budget=8192, max_length=64))
+    out["trace"] = {"tokens": summary.num_tokens, "tokens_per_s": summary.tokens_per_second}
+    data = UnlearningData.from_scenario("domain", seed=args.seed)
+    steps = args.steps or (4 if args.tiny else 20)
+    rows = phase("vanilla_grip_pair", lambda: compare(
+        moe, data, ["graddiff"], ["off", "update"], preset="shortcut", seed=args.seed, steps=steps,
+        runs_dir=tmp / "runs", eval_every=0, final_eval_examples=32 if args.tiny else 64, save_weights=True,
+        model=str(ckpt)))
+    out["pair"] = [{k: r.get(k) for k in ("grip", "status", "forget_em", "retain_em", "retain_stability",
+                                           "restoration_recovered", "verdict")} for r in rows]
+    runs = [load_run(p) for p in sorted((tmp / "runs").iterdir()) if p.is_dir()]
+    del moe
+    base = load_model(ckpt, device=args.device, dtype="auto")
+    vanilla = next(r for r in runs if r.config["grip"]["mode"] == "off")
+    small = UnlearningData(data.forget[:32], data.retain_train, data.retain_eval[:32], name="domain")
+    d = phase("diagnose", lambda: diagnose(base, vanilla.path / "model", small, eval_examples=16,
+                                           final_eval_examples=32))
+    out["diagnose"] = {"verdict": d.verdict, "tensors_changed": d.report["checkpoint"]["tensors_changed"]}
+    figs = phase("figures", lambda: runs_figures(runs))
+    for name, fig in figs.items():
+        fig.write_html(str(tmp / f"{name}.html"), include_plotlyjs="cdn")
+    out["figures"] = sorted(figs)
+    out["phases"], out["dir"] = phases, str(tmp)
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     fail_without_cuda(args.device)
+    if args.user_path:
+        t0 = time.perf_counter()
+        result = {"device": args.device, "torch": torch.__version__, **user_path(args),
+                  "total_seconds": time.perf_counter() - t0}
+        text = json.dumps(result, indent=2, default=str)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text)
+        return 0
     t_start = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:

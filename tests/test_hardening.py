@@ -352,3 +352,26 @@ def test_dashboard_checkpoint_errors_do_not_reveal_paths(tmp_path):
             load_checkpoint(str(p))
         messages.append(str(info.value).replace(str(p), "P"))
     assert len(set(messages)) == 1 and "not a readable checkpoint directory" in messages[0]
+
+
+def test_remote_code_checkpoint_is_refused_in_one_clear_line(tmp_path):
+    """Item 6: a checkpoint whose architecture ships its own code is refused without pointing at an option that
+    does not exist (no "trust_remote_code=True" advice, no URL made from a local path)."""
+    import json
+
+    from grip_core import load_model
+    from grip_core.moe.errors import ModelLoadError
+    from grip_core.moe.tiny import build_tiny_model
+
+    d = tmp_path / "custom"
+    build_tiny_model("olmoe").save_pretrained(d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(model_type="my_secret_moe", architectures=["MySecretMoeForCausalLM"],
+               auto_map={"AutoConfig": "configuration_secret.SecretConfig",
+                         "AutoModelForCausalLM": "modeling_secret.SecretForCausalLM"})
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(d)
+    msg = str(err.value)
+    assert "ships its own model code" in msg and "never runs code" in msg, msg
+    assert "trust_remote_code=True" not in msg and "https://" not in msg and "\n" not in msg
