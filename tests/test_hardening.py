@@ -375,3 +375,21 @@ def test_remote_code_checkpoint_is_refused_in_one_clear_line(tmp_path):
     msg = str(err.value)
     assert "ships its own model code" in msg and "never runs code" in msg, msg
     assert "trust_remote_code=True" not in msg and "https://" not in msg and "\n" not in msg
+
+
+def test_save_weights_flag_with_a_config_file_sets_both_fields(tmp_path):
+    """`run --config FILE --save-weights full` records save_weights and weights_format; a clash is refused."""
+    import json
+
+    from grip_core.cli import build_parser
+    from grip_core.moe.errors import ConfigError
+    from grip_core.runs.commands import run_config_from_args
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"method": "ga", "steps": 1}))
+    args = build_parser().parse_args(["run", "--config", str(cfg), "--save-weights", "full"])
+    config, _ = run_config_from_args(args)
+    assert config.save_weights is True and config.weights_format == "full"
+    cfg.write_text(json.dumps({"method": "ga", "steps": 1, "weights_format": "delta"}))
+    with pytest.raises(ConfigError, match="--save-weights full conflicts"):
+        run_config_from_args(build_parser().parse_args(["run", "--config", str(cfg), "--save-weights", "full"]))

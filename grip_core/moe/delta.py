@@ -33,7 +33,6 @@ Footguns:
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -45,7 +44,6 @@ from .errors import ModelLoadError
 
 DELTA_MANIFEST = "grip_delta.json"
 DELTA_FORMAT = "grip-studio-delta/1"
-_EXPERT_INDEX = re.compile(r"\.(\d+)\.")
 
 
 @dataclass
@@ -132,12 +130,29 @@ def _copy_if_changed(target: torch.Tensor, rows: slice, new: torch.Tensor, repor
     cur.copy_(new)
 
 
-def _rows_per_chunk(shape, itemsize: int, chunk_bytes: int) -> int:
+def _rows_per_chunk(shape, chunk_bytes: int) -> int:
     """Rows of dim 0 per slice so that one slice in float64 (the ||Δ|| arithmetic) is <= chunk_bytes."""
-    row = max(itemsize, 8)
+    row = 8
     for s in shape[1:]:
         row *= int(s)
     return max(1, chunk_bytes // max(row, 1))
+
+
+def _copy_tensor(target: torch.Tensor, shards: _Shards, ckpt_key: str, model_key: str, report: ApplyReport,
+                 chunk_bytes: int) -> None:
+    """Checkpoint tensor `ckpt_key` into model tensor `target`, `chunk_bytes` of rows at a time."""
+    sl = shards.slice(ckpt_key)
+    shape = [int(s) for s in sl.get_shape()]
+    if tuple(shape) != tuple(target.shape):
+        raise ModelLoadError(f"{report.path}: tensor {ckpt_key} has shape {tuple(shape)} there, "
+                             f"{tuple(target.shape)} in the model (a checkpoint of another architecture?)")
+    if not shape:                                                       # a scalar
+        _copy_if_changed(target.view(1), slice(0, 1), shards.tensor(ckpt_key).view(1), report, model_key)
+    else:
+        step = _rows_per_chunk(shape, chunk_bytes)
+        for r0 in range(0, shape[0], step):
+            _copy_if_changed(target, slice(r0, r0 + step), sl[r0:r0 + step], report, model_key)
+    report.tensors_read += 1
 
 
 @torch.no_grad()
@@ -148,18 +163,7 @@ def _apply_native(model, shards: _Shards, keys: list[str], report: ApplyReport, 
         raise ModelLoadError(f"{report.path}: {len(unknown)} tensor(s) the model does not have, e.g. {unknown[0]} "
                              "(a checkpoint of another architecture?)")
     for key in keys:
-        target, sl = targets[key], shards.slice(key)
-        shape = [int(s) for s in sl.get_shape()]
-        if tuple(shape) != tuple(target.shape):
-            raise ModelLoadError(f"{report.path}: tensor {key} has shape {tuple(shape)} there, "
-                                 f"{tuple(target.shape)} in the model (a checkpoint of another architecture?)")
-        if not shape:                                   # a scalar
-            _copy_if_changed(target.view(1), slice(0, 1), shards.tensor(key).view(1), report, key)
-        else:
-            step = _rows_per_chunk(shape, target.element_size(), chunk_bytes)
-            for r0 in range(0, shape[0], step):
-                _copy_if_changed(target, slice(r0, r0 + step), sl[r0:r0 + step], report, key)
-        report.tensors_read += 1
+        _copy_tensor(targets[key], shards, key, key, report, chunk_bytes)
     report.tensors_changed = len(report.changed)
 
 
@@ -188,19 +192,13 @@ def _apply_hub(model, shards: _Shards, report: ApplyReport, chunk_bytes: int) ->
             conv = next(c for c in converters if pattern in c.source_patterns)
             groups.setdefault(new_key, (conv, defaultdict(list)))[1][pattern].append(key)
     for new_key, ckpt_key in direct.items():                       # plain renames: row chunks as native
-        target, sl = targets[new_key], shards.slice(ckpt_key)
-        shape = [int(s) for s in sl.get_shape()]
-        step = _rows_per_chunk(shape, target.element_size(), chunk_bytes) if shape else 1
-        for r0 in range(0, max(shape[0], 1) if shape else 1, step):
-            new = shards.tensor(ckpt_key).view(1) if not shape else sl[r0:r0 + step]
-            _copy_if_changed(target if shape else target.view(1), slice(r0, r0 + step), new, report, new_key)
-        report.tensors_read += 1
+        _copy_tensor(targets[new_key], shards, ckpt_key, new_key, report, chunk_bytes)
     for new_key, (conv, by_pattern) in groups.items():
         target = targets[new_key]
         patterns = [p for p in conv.source_patterns if p in by_pattern]
         n_src = len(by_pattern[patterns[0]])
         stacks = isinstance(conv.operations[0], MergeModulelist) and conv.operations[0].dim == 0
-        per = _rows_per_chunk((n_src, *target.shape[1:]), target.element_size(), chunk_bytes) if stacks else n_src
+        per = _rows_per_chunk((n_src, *target.shape[1:]), chunk_bytes) if stacks else n_src
         for e0 in range(0, n_src, per):
             sub = {p: [shards.tensor(k) for k in by_pattern[p][e0:e0 + per]] for p in patterns}
             for op in conv.operations:
@@ -231,12 +229,11 @@ def check_same_architecture(moe, path: str | Path) -> None:
                              "not the same architecture")
 
 
-def checkpoint_layout(model, path: str | Path) -> str:
+def _layout(model, path: Path, shards: _Shards) -> str:
     """'delta' (a GRIP Studio delta), 'native' (keys = the model's state-dict keys) or 'hub' (needs conversion)."""
     if is_delta_dir(path):
         return "delta"
-    keys = set(_Shards(Path(path)).where)
-    return "native" if keys <= set(_targets(model)) else "hub"
+    return "native" if set(shards.where) <= set(_targets(model)) else "hub"
 
 
 def load_streaming(path: str | Path, dtype: torch.dtype, experts_implementation: str | None = None):
@@ -285,7 +282,7 @@ def apply_checkpoint(moe, path: str | Path, chunk_bytes: int = 32 << 20) -> Appl
     path = Path(path)
     t0 = time.perf_counter()
     shards = _Shards(path)
-    layout = checkpoint_layout(moe.model, path)
+    layout = _layout(moe.model, path, shards)
     report = ApplyReport(str(path), layout)
     if layout == "hub":
         _apply_hub(moe.model, shards, report, chunk_bytes)

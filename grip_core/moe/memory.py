@@ -23,7 +23,6 @@ Footguns:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,13 +239,5 @@ def process_anon_bytes(pid: int | str = "self") -> int:
     raise OSError(f"/proc/{pid}/status has no RssAnon line")
 
 
-def config_summary(path: str | Path) -> dict:
-    """The architecture numbers of a checkpoint's config.json (for the memory line and the Model page)."""
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    pick = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
-            "moe_intermediate_size", "num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok")
-    return {k: cfg[k] for k in pick if k in cfg}
-
-
-__all__ = ["fmt_bytes", "GB", "HEADROOM", "LoadPlan", "ModelTooLargeError", "WeightsInfo", "config_summary", "ensure_fits",
+__all__ = ["fmt_bytes", "GB", "HEADROOM", "LoadPlan", "ModelTooLargeError", "WeightsInfo", "ensure_fits",
            "free_memory", "parse_dtype", "plan_load", "process_anon_bytes", "read_weights_info", "resolve_device"]

@@ -112,16 +112,13 @@ class RoutingSummary:
 
 
 def selection_shift(a: RoutingSummary, b: RoutingSummary) -> list[float]:
-    """Per layer, the fraction of (token, slot) selections of `a` that `b` no longer makes (same tokens)."""
+    """Per layer, 1 - mean overlap of the two summaries' top-k sets on the same tokens (the metrics' `shift`)."""
+    from ..metrics.routing import set_agreement
+
     if a.selected is None or b.selected is None or a.num_tokens != b.num_tokens:
         raise ValueError("selection_shift needs two summaries of the same tokens made with keep_selection=True")
-    out = []
-    for sa, sb in zip(a.selected, b.selected):
-        E = int(max(sa.max(), sb.max())) + 1
-        ma = torch.zeros(sa.shape[0], E, dtype=torch.bool).scatter_(1, sa.long(), True)
-        mb = torch.zeros(sb.shape[0], E, dtype=torch.bool).scatter_(1, sb.long(), True)
-        out.append(1.0 - float((ma & mb).sum()) / max(float(ma.sum()), 1.0))
-    return out
+    return [1.0 - float(set_agreement(sa, sb, E)["overlap"].mean())
+            for sa, sb, E in zip(a.selected, b.selected, a.num_experts)]
 
 
 def token_budget_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -174,17 +171,17 @@ def stream_routing(moe: MoEModel, examples: Sequence, *, token_budget: int = 819
             break
         trace = trace_batch(moe.model, moe.layers, encode_qa(moe.tokenizer, [items[i] for i in idx], max_length))
         seq = trace.sequence_index                                               # (n,) row in this batch
+        names = sorted({str(domains[i]) for i in idx if domains[i] is not None})
+        code = torch.tensor([names.index(str(domains[i])) if domains[i] is not None else -1 for i in idx])
+        tok_domain = code[seq]                                                   # (n,) domain id, -1 = none
+        labelled = tok_domain >= 0
         for l in range(L):
-            sel = trace.selected[l]                                              # (n, k)
-            summary.expert_counts[l] += torch.bincount(sel.flatten(), minlength=summary.num_experts[l])
-            top1 = sel[:, 0]
-            for row, i in enumerate(idx):
-                d = domains[i]
-                if d is None:
-                    continue
-                counts = summary.domain_top1.setdefault(
-                    str(d), [torch.zeros(E, dtype=torch.long) for E in summary.num_experts])
-                counts[l] += torch.bincount(top1[seq == row], minlength=summary.num_experts[l])
+            sel, E = trace.selected[l], summary.num_experts[l]                   # (n, k)
+            summary.expert_counts[l] += torch.bincount(sel.flatten(), minlength=E)
+            joint = torch.bincount(tok_domain[labelled] * E + sel[labelled, 0], minlength=len(names) * E)
+            for d, name in enumerate(names):                                     # (D*E,) -> each domain's (E,)
+                summary.domain_top1.setdefault(name, [torch.zeros(e, dtype=torch.long) for e in summary.num_experts])[
+                    l] += joint[d * E:(d + 1) * E]
         if keep_selection:
             for row, i in enumerate(idx):
                 per_example[i] = [trace.selected[l][seq == row].to(torch.int16) for l in range(L)]

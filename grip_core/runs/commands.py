@@ -164,8 +164,7 @@ def cmd_compare(args) -> int:
 
 
 # flag (argparse dest) -> the RunConfig field it sets, for `run --config FILE` with flags
-_RUN_FLAGS = {"model": "model", "scenario": "scenario", "seed": "seed", "steps": "steps", "method": "method",
-              "save_weights": "save_weights"}
+_RUN_FLAGS = {"model": "model", "scenario": "scenario", "seed": "seed", "steps": "steps", "method": "method"}
 
 
 def _flag(dest: str) -> str:
@@ -220,6 +219,12 @@ def run_config_from_args(args):
                 raise ConfigError(f"{what} conflicts with \"{key}\": {json.dumps(d[key])} in {path}; "
                                   "drop the flag or change the file")
             d[key] = value
+        if "save_weights" in explicit:              # --save-weights [delta|full] sets two fields
+            for key, value in (("save_weights", True), ("weights_format", args.save_weights)):
+                if key in d and d[key] != value:
+                    raise ConfigError(f"--save-weights {args.save_weights} conflicts with \"{key}\": "
+                                      f"{json.dumps(d[key])} in {path}; drop the flag or change the file")
+                d[key] = value
         if "grip_mode" in explicit:
             grip = d.get("grip") if isinstance(d.get("grip"), dict) else {}
             if args.grip_mode not in GRIP_MODES:
