@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from grip_core.moe.errors import ModelLoadError
-from grip_core.moe.memory import GB, LoadPlan, free_memory, plan_load, resolve_device
+from grip_core.moe.memory import GB, LoadPlan, plan_load
 
 DTYPE_OPTIONS = ["auto", "float32", "bfloat16", "float16"]
 DEVICE_MAP_OPTIONS = ["none", "auto", "balanced"]
@@ -103,10 +103,8 @@ def plan_for(name: str, device: str = "auto", dtype: str = "auto", device_map: s
         path = resolve_path(base)
         _check_dir(path)
     device_map = None if device_map in (None, "", "none") else device_map
-    free = None
-    if limit_gb:
-        free = min(free_memory(resolve_device(device)), int(float(limit_gb) * GB))
-    return plan_load(path, device, dtype, device_map, free_bytes=free), note
+    limit = int(float(limit_gb) * GB) if limit_gb else None
+    return plan_load(path, device, dtype, device_map, max_memory=limit), note
 
 
 # ----------------------------------------------------------------------------- out of memory

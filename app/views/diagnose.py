@@ -134,14 +134,15 @@ def _data(tmp: Path, n: int, seed: int):
 
 def _private_base(name: str, box):
     """A freshly loaded base model owned by this diagnosis (never the shared cache: it is changed in place)."""
-    from grip_core.moe.memory import ensure_fits
+    from grip_core.moe.memory import ModelTooLargeError
 
     if name.startswith("tiny:"):
         return state.load_private(name)
     limit = float(os.environ.get("GRIP_STUDIO_MEMORY_LIMIT_GB") or 0) or None
     plan, note = loading.plan_for(name, dg_device, dg_dtype, dg_device_map, limit)
     box.write(f"Memory plan: {plan.describe()}" + (f" · {note}" if note else ""))
-    ensure_fits(plan)                               # refuses with the numbers before any weight is read
+    if not plan.fits:                               # refuses with the numbers before any weight is read
+        raise ModelTooLargeError(plan.refusal(flags=False))
     box.write(f"Loading a private copy of the base model `{name}` ({plan.dtype} on {plan.device}) …")
     return state.load_private(loading.model_key(name, plan.device, plan.dtype, plan.device_map))
 

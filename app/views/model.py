@@ -125,7 +125,7 @@ with left:
                 st.markdown(f"**Memory plan:** {plan.describe()}"
                             + (f" · limit {limit_gb:g} GB" if limit_gb else "") + (f" · {plan_note}" if plan_note else ""))
                 if not plan.fits:
-                    st.error(f"**Will not fit, not loaded** — {plan.refusal()}", icon=":material/memory:")
+                    st.error(f"**Will not fit, not loaded** — {plan.refusal(flags=False)}", icon=":material/memory:")
     wanted = loading.key_for_plan(name, plan, chosen) if plan is not None else name
     refused = plan is not None and not plan.fits           # a plan error is already shown above; so is a refusal
     load_clicked = st.button("Load model", type="primary", key="load_model", disabled=not name or refused)

@@ -175,11 +175,15 @@ class LoadPlan:
                 f"{fmt_bytes(self.need_bytes)} in {self.dtype} on {where}; {fmt_bytes(self.free_bytes)} free"
                 + (f" ({self.note})" if self.note else ""))
 
-    def refusal(self) -> str:
-        """The one-line reason this plan cannot load, naming the flags that would help."""
+    def refusal(self, flags: bool = True) -> str:
+        """The one-line reason this plan cannot load, naming the CLI flags (or, `flags=False`, the settings) that help."""
         f32, bf16 = self.weights.bytes_in(torch.float32), self.weights.bytes_in(torch.bfloat16)
-        hint = "use --device-map auto (weights spill to CPU / disk)" if self.dtype != "float32" \
-            else "use --dtype bfloat16 or --device-map auto"
+        if flags:
+            hint = "use --device-map auto (weights spill to CPU / disk)" if self.dtype != "float32" \
+                else "use --dtype bfloat16 or --device-map auto"
+        else:
+            hint = "a device map (weights spill to CPU / disk) or a GPU would help" if self.dtype != "float32" \
+                else "choose dtype bfloat16, or a device map"
         return (f"{self.path}: needs {fmt_bytes(f32)} in float32, {fmt_bytes(bf16)} in bfloat16; "
                 f"{fmt_bytes(self.free_bytes)} free on {self.device}: {hint}")
 
