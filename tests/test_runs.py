@@ -128,13 +128,13 @@ def test_diagnose_known_answers(demo, data, baseline, tmp_path):
     result = run_unlearning(demo, config, data, baseline=baseline, runs_dir=tmp_path)
     rerouted = load_model(result.run_dir / "model")
     d = diagnose(demo, rerouted, data, eval_examples=16, final_eval_examples=24)
-    h = d.report["headline"]
-    assert h["forget_em"] < h["base_forget_em"] * 0.5
-    assert d.verdict == "rerouted" and h["restoration_recovered"] > 0.9
+    h = d.report.headline
+    assert h.forget_em < h.base_forget_em * 0.5
+    assert d.verdict == "rerouted" and h.restoration_recovered > 0.9
     # only routers trained: the first MoE layer's router inputs cannot drift, so its shift is all router-caused
-    assert d.report["attribution_retain"]["layers"][0]["stability_drift_only"] == 1.0
+    assert d.report.attribution_retain.layers[0].stability_drift_only == 1.0
     same = diagnose(demo, demo, data, eval_examples=16, final_eval_examples=24)
-    assert same.verdict == "not forgotten" and same.report["headline"]["retain_stability"] == 1.0
+    assert same.verdict == "not forgotten" and same.report.headline.retain_stability == 1.0
 
 
 def test_verdict_thresholds_are_applied_to_numbers():

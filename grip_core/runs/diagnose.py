@@ -16,17 +16,18 @@ from ..moe.delta import apply_checkpoint, check_same_architecture
 from .config import RunConfig
 from .data import UnlearningData
 from .evaluate import Baseline, evaluate_final
+from .report import RunReport
 from .verdict import verdict
 
 
 @dataclass
 class Diagnosis:
-    report: dict          # evaluate_final's full report
-    verdict: str          # "rerouted" | "erased" | "mixed" | "not forgotten"
+    report: RunReport     # evaluate_final's full report (+ `checkpoint` when streamed in place)
+    verdict: str          # a kind of grip_core.runs.verdict ("rerouted", "erased", "mixed", ...)
     paragraph: str
 
     def to_dict(self) -> dict:
-        return {"verdict": self.verdict, "paragraph": self.paragraph, **self.report}
+        return {"verdict": self.verdict, "paragraph": self.paragraph, **self.report.to_dict()}
 
 
 def verdict_from(headline: dict) -> tuple[str, str]:
@@ -36,14 +37,16 @@ def verdict_from(headline: dict) -> tuple[str, str]:
 
 
 def diagnose(base: MoEModel, unlearned: MoEModel | str | Path, data: UnlearningData, seed: int = 0,
-             eval_examples: int = 64, final_eval_examples: int = 200) -> Diagnosis:
+             eval_examples: int = RunConfig.eval_examples, final_eval_examples: int = 200,
+             max_length: int = RunConfig.max_length) -> Diagnosis:
     """Compare a base model with an unlearned checkpoint of the same architecture on forget/retain data.
 
     `unlearned` is either a checkpoint path (full, sharded, Hub or native layout, or a GRIP Studio
     delta) or a loaded MoEModel. With a path, the base is measured first, then the checkpoint's
     differing tensors are streamed INTO `base` (grip_core/moe/delta.py) and measured again: one
     model in memory. The restoration attack swaps router rows only.
-    Probes use at most `final_eval_examples` examples per split (0 = all): generation is the cost.
+    Probes use at most `final_eval_examples` examples per split (0 = all): generation is the cost;
+    every probe, trace and attack keeps `max_length` tokens per example.
 
     Footgun: with a path, `base` holds the UNLEARNED weights afterwards (the report says what changed).
     """
@@ -53,14 +56,14 @@ def diagnose(base: MoEModel, unlearned: MoEModel | str | Path, data: UnlearningD
     if not in_place and [l.router_weight.shape for l in base.layers] != [l.router_weight.shape for l in unlearned.layers]:
         raise ValueError("the base and unlearned models have different MoE router shapes: not the same architecture")
     config = RunConfig(seed=seed, eval_examples=eval_examples, final_eval_examples=final_eval_examples,
-                       scenario=data.name, steps=0)
+                       scenario=data.name, steps=0, max_length=max_length)
     baseline = Baseline.compute(base, data, config)
     applied = None
     if in_place:
         applied = apply_checkpoint(base, unlearned)
         report = evaluate_final(base, None, baseline, data, config)
-        report["checkpoint"] = applied.to_dict()
+        report.checkpoint = applied.to_dict()
     else:
         report = evaluate_final(unlearned, base, baseline, data, config)
-    verdict, paragraph = verdict_from(report["headline"])
+    verdict, paragraph = verdict_from(report.headline.to_dict())
     return Diagnosis(report, verdict, paragraph)

@@ -1,7 +1,8 @@
 """What a job measures: a few numbers every N steps, and the full forgot-or-rerouted report at the end.
 
 Everything here is computed from the base model (once, in `Baseline`) and the model being
-unlearned, through grip_core.metrics; the results are plain dicts, ready for the run store.
+unlearned, through grip_core.metrics. The final report is a RunReport (grip_core/runs/report.py),
+whose `to_dict()` the run store writes; the per-step rows are plain dicts with the keys in STEP_EVAL_KEYS.
 """
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data import encode_qa
-from ..metrics import (compare_traces, exact_match_accuracy, full_router_state, router_restoration_attack,
-                       routing_shift_attribution, run_probes)
+from ..metrics import (ProbeResult, compare_traces, exact_match_accuracy, full_router_state,
+                       router_restoration_attack, routing_shift_attribution, run_probes)
 from ..moe import MoEModel, RoutingTrace
+from .report import GripRanks, Headline, RunReport
 
 
 def _cap(examples: list, n: int) -> list:
@@ -40,7 +42,7 @@ class Baseline:
     forget_trace: RoutingTrace
     step_forget: list                           # the per-step forget probe subset
     step_em: dict[str, float]                   # base EM on the per-step probe subsets
-    probes: dict                                # base probes on the final splits (ProbeResult.to_dict())
+    probes: ProbeResult                         # base probes on the final splits
     max_length: int
     # GRIP fits of the base model on the retain split, by (GRIPConfig.fit_key(), fit examples, max_length):
     # jobs sharing this Baseline fit once (run_unlearning fills and reads it; states are copied, never shared)
@@ -59,12 +61,16 @@ class Baseline:
             step_forget=step_forget,
             step_em={"forget_em": exact_match_accuracy(moe, step_forget),
                      "retain_em": exact_match_accuracy(moe, data.retain_eval)},
-            probes=run_probes(moe, final).to_dict(), max_length=config.max_length)
+            probes=run_probes(moe, final, max_length=config.max_length), max_length=config.max_length)
+
+
+# the keys evaluate_step adds to a step row (metrics.jsonl), read by the training curves (grip_core.viz.runs)
+STEP_EVAL_KEYS = ("retain_stability", "forget_shift", "forget_em", "retain_em")
 
 
 @torch.no_grad()
 def evaluate_step(work: MoEModel, baseline: Baseline, data, config) -> dict:
-    """Cheap numbers for the live curves: retained stability, forget shift, forget/retain EM."""
+    """Cheap numbers for the live curves: retained stability, forget shift, forget/retain EM (STEP_EVAL_KEYS)."""
     retain = compare_traces(baseline.retain_trace, _trace(work, data.retain_eval, config.max_length, False))
     forget_trace = _trace(work, _cap(data.forget, config.final_eval_examples), config.max_length, False)
     forget = compare_traces(baseline.forget_trace, forget_trace)
@@ -74,52 +80,52 @@ def evaluate_step(work: MoEModel, baseline: Baseline, data, config) -> dict:
 
 
 @torch.no_grad()
-def evaluate_final(work: MoEModel, base: MoEModel | None, baseline: Baseline, data, config, grip=None) -> dict:
+def evaluate_final(work: MoEModel, base: MoEModel | None, baseline: Baseline, data, config, grip=None) -> RunReport:
     """The full report: probes, routing (retain + forget), attribution, restoration attack, GRIP ranks.
 
     Everything about the base model comes from `baseline`; `base` is only asked for its router
     MODULES (attribution calls them with swapped-in weights), so `base=None` uses `work`'s, and a
     checkpoint diagnosed in place (grip_core/runs/diagnose.py) needs one model in memory.
+    Probes, traces and the restoration attack all keep `baseline.max_length` tokens per example.
     """
     base = work if base is None else base
+    max_length = baseline.max_length
     final = {k: _cap(v, config.final_eval_examples) for k, v in data.splits().items()}
-    probes = run_probes(work, final).to_dict()
-    new_retain = _trace(work, data.retain_eval, baseline.max_length, keep_inputs=True)
-    new_forget = _trace(work, final["forget"], baseline.max_length, keep_inputs=True)
+    probes = run_probes(work, final, max_length=max_length)
+    base_probes = baseline.probes
+    new_retain = _trace(work, data.retain_eval, max_length, keep_inputs=True)
+    new_forget = _trace(work, final["forget"], max_length, keep_inputs=True)
     routing_retain = compare_traces(baseline.retain_trace, new_retain)
     routing_forget = compare_traces(baseline.forget_trace, new_forget)
     attr_retain = routing_shift_attribution(base, baseline.full_routers, work, baseline.retain_trace, new_retain)
     attr_forget = routing_shift_attribution(base, baseline.full_routers, work, baseline.forget_trace, new_forget)
     restoration = router_restoration_attack(work, baseline.router_state, final["forget"],
-                                            em_base=baseline.probes["splits"]["forget"]["exact_match"])
-    em = lambda p, s: p["splits"].get(s, {}).get("exact_match")
-    headline = {
-        "forget_em": em(probes, "forget"), "retain_em": em(probes, "retain"), "holdout_em": em(probes, "holdout"),
-        "paraphrase_forget_em": em(probes, "paraphrase_forget"),
-        "base_forget_em": em(baseline.probes, "forget"), "base_retain_em": em(baseline.probes, "retain"),
-        "membership_auc": probes.get("membership_auc"), "base_membership_auc": baseline.probes.get("membership_auc"),
-        "retain_stability": routing_retain.stability, "retain_stability_router_only": attr_retain.stability_router_only,
-        "retain_stability_drift_only": attr_retain.stability_drift_only,
-        "forget_shift": routing_forget.shift, "retain_shift": routing_retain.shift,
-        "forget_shift_router_share": attr_forget.router_share,
-        "restoration_recovered": restoration.recovered, "restoration_recovered_raw": restoration.recovered_raw,
-        "restored_forget_em": restoration.em_restored}
-    out = {"headline": headline, "probes": probes, "base_probes": baseline.probes,
-           "routing_retain": routing_retain.to_dict(), "routing_forget": routing_forget.to_dict(),
-           "attribution_retain": attr_retain.to_dict(), "attribution_forget": attr_forget.to_dict(),
-           "restoration": restoration.to_dict()}
-    if grip is not None and grip.config.mode != "off":
-        out["grip"] = grip_rank_report(grip)
-    return out
+                                            em_base=base_probes.splits["forget"].exact_match, max_length=max_length)
+    em = lambda p, s: p.splits[s].exact_match if s in p.splits else None
+    headline = Headline(
+        forget_em=em(probes, "forget"), retain_em=em(probes, "retain"), holdout_em=em(probes, "holdout"),
+        paraphrase_forget_em=em(probes, "paraphrase_forget"),
+        base_forget_em=em(base_probes, "forget"), base_retain_em=em(base_probes, "retain"),
+        membership_auc=probes.membership_auc, base_membership_auc=base_probes.membership_auc,
+        retain_stability=routing_retain.stability, retain_stability_router_only=attr_retain.stability_router_only,
+        retain_stability_drift_only=attr_retain.stability_drift_only,
+        forget_shift=routing_forget.shift, retain_shift=routing_retain.shift,
+        forget_shift_router_share=attr_forget.router_share,
+        restoration_recovered=restoration.recovered, restoration_recovered_raw=restoration.recovered_raw,
+        restored_forget_em=restoration.em_restored)
+    return RunReport(headline=headline, probes=probes, base_probes=base_probes,
+                     routing_retain=routing_retain, routing_forget=routing_forget,
+                     attribution_retain=attr_retain, attribution_forget=attr_forget, restoration=restoration,
+                     grip=grip_rank_report(grip) if grip is not None and grip.config.mode != "off" else None)
 
 
-def grip_rank_report(grip) -> dict:
+def grip_rank_report(grip) -> GripRanks:
     """Null-space rank per layer x expert (d' - rank(U_j)), the mean free dimensions per layer, and d'."""
-    return {"mode": grip.config.mode, "threshold_kind": grip.config.threshold_kind,
-            "eps_null": grip.config.eps_null, "energy": grip.config.energy,
-            "dim": max(st.input_dim for st in grip.state.layers),
-            "null_space_rank": grip.null_space_rank.tolist(), "mean_free_dims": grip.mean_free_dims.tolist(),
-            "layers": [l.index for l in grip.moe.layers]}
+    return GripRanks(mode=grip.config.mode, threshold_kind=grip.config.threshold_kind,
+                     eps_null=float(grip.config.eps_null), energy=float(grip.config.energy),
+                     dim=int(max(st.input_dim for st in grip.state.layers)),
+                     null_space_rank=grip.null_space_rank.tolist(), mean_free_dims=grip.mean_free_dims.tolist(),
+                     layers=[l.index for l in grip.moe.layers])
 
 
 def grip_step_row(stats) -> dict:

@@ -31,6 +31,7 @@ from .config import RunConfig
 from .data import UnlearningData
 from .distributed import DistributedContext
 from .evaluate import Baseline, evaluate_final, evaluate_step, grip_rank_report, grip_step_row
+from .report import Timing
 from .store import RunWriter, new_run_id
 
 
@@ -215,15 +216,16 @@ def run_unlearning(moe: MoEModel, config: RunConfig, data: UnlearningData | None
                 break
         model.eval()
         dist.check_replicas(work.router_state())                            # [distributed] routers bitwise equal
-        summary = dist.main_only(evaluate_final, work, moe, baseline, data, config, grip)   # [distributed] rank 0
-        summary["timing"] = {
-            "grip_fit_seconds": fit_seconds, "grip_fit_cached": fit_cached,
-            "step_ms_median": 1000 * float(np.median(step_seconds)) if step_seconds else math.nan,
-            "grip_ms_median": 1000 * float(np.median(grip_seconds)) if grip_seconds else math.nan,
-            "steps": len(step_seconds)}
-        summary["steps_done"] = len(step_seconds)
-        if isinstance(summary.get("headline"), dict):
-            summary["headline"].update(collapse_check(summary["headline"]))
+        report = dist.main_only(evaluate_final, work, moe, baseline, data, config, grip)   # [distributed] rank 0
+        report.timing = Timing(
+            grip_fit_seconds=fit_seconds, grip_fit_cached=fit_cached,
+            step_ms_median=1000 * float(np.median(step_seconds)) if step_seconds else math.nan,
+            grip_ms_median=1000 * float(np.median(grip_seconds)) if grip_seconds else math.nan,
+            steps=len(step_seconds))
+        report.steps_done = len(step_seconds)
+        for key, value in collapse_check(report.headline.to_dict()).items():
+            setattr(report.headline, key, value)
+        summary = report.to_dict()                                          # RunReport's JSON form (summary.json)
         if writer:
             writer.write_json("summary.json", summary)
             writer.write_tensors("router_deltas.safetensors", {

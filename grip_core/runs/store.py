@@ -4,17 +4,19 @@ Layout of a run folder (all readable without GRIP Studio):
     config.json          the RunConfig, as given
     status.json          {"status": running|completed|cancelled|failed|stopped, "reason", "step", ...}
     metrics.jsonl        one JSON object per logged step, appended and flushed line by line
-    summary.json         final metrics (absent while running, or when the run died)
+    summary.json         the RunReport (grip_core/runs/report.py), versioned (absent while running, or when the run died)
     router_deltas.safetensors   Theta_unlearned - Theta_base per router (small: E x d per layer)
     grip_ranks.json      null-space rank per layer x expert (GRIP runs)
     model/               the unlearned weights (only if asked)
 
 A run killed mid-way leaves config + status "running" + the metrics lines written so far:
 `load_run` reports it as "incomplete" and still returns everything readable. A torn last
-line of metrics.jsonl (kill during a write) is skipped, never an error.
+line of metrics.jsonl (kill during a write) is skipped, never an error. A summary.json that is not
+a RunReport (too old, or edited by hand) makes the folder unreadable with a one-line reason.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -27,6 +29,7 @@ import torch
 
 from .._paths import DEFAULT_RUNS_DIR  # <repo>/runs in a checkout, ./runs when pip-installed
 from ..moe.errors import RunStoreError
+from .report import GripRanks, RunReport, parse
 
 
 _UMASK_LOCK = threading.Lock()
@@ -71,6 +74,8 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 def _json_default(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     if isinstance(obj, Path):
@@ -141,9 +146,14 @@ class SavedRun:
     config: dict
     status: dict
     steps: list[dict] = field(default_factory=list)
-    summary: dict | None = None
-    grip_ranks: dict | None = None
+    report: RunReport | None = None    # summary.json, parsed (None while running, or when the run died)
+    grip_ranks: GripRanks | None = None
     error: str | None = None           # set (by list_runs) when the folder could not be read: "<file>: <reason>"
+
+    @property
+    def summary(self) -> dict | None:
+        """The report as plain JSON data (summary.json as this version writes it), or None."""
+        return None if self.report is None else self.report.to_dict()
 
     @property
     def run_id(self) -> str:
@@ -241,15 +251,6 @@ def _check_status(path: Path, status: dict) -> None:
         raise RunStoreError(f"{path}: 'status' must be a string, got {status.get('status')!r:.40}")
 
 
-def _check_summary(path: Path, summary: dict | None) -> None:
-    if summary is None:
-        return
-    for key, value in summary.items():
-        if key in ("headline", "probes", "base_probes", "routing_retain", "routing_forget", "attribution_retain",
-                   "attribution_forget", "restoration", "timing", "grip") and not isinstance(value, dict):
-            raise RunStoreError(f"{path}: {key!r} must be a JSON object, got {type(value).__name__}")
-
-
 def load_run(path: Path | str) -> SavedRun:
     """Every readable part of a run folder; RunStoreError naming the file (and line) that is not readable."""
     path = Path(path)
@@ -261,8 +262,10 @@ def load_run(path: Path | str) -> SavedRun:
     _check_status(path / "status.json", status)
     steps = _read_metrics(path / "metrics.jsonl")
     summary = _read_json(path / "summary.json")
-    _check_summary(path / "summary.json", summary)
-    return SavedRun(path, config, status, steps, summary, _read_json(path / "grip_ranks.json"))
+    report = None if summary is None else RunReport.from_dict(summary, source=f"run folder {path}")
+    ranks = _read_json(path / "grip_ranks.json")
+    grip_ranks = None if ranks is None else parse(GripRanks, ranks, str(path / "grip_ranks.json"))
+    return SavedRun(path, config, status, steps, report, grip_ranks)
 
 
 def list_runs(root: Path | str | None = None) -> list[SavedRun]:
