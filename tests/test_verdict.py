@@ -14,6 +14,7 @@ import pytest
 from grip_core.fmt import pct
 from grip_core.runs import verdict as V
 from grip_core.runs.verdict import Verdict, base_knowledge_warning, verdict
+from report_data import make_report
 
 # A clean GRIP run: forgot, nothing comes back with the original routers, retained routing kept.
 ERASED = dict(base_forget_em=0.97, forget_em=0.055, base_retain_em=0.977, retain_em=0.989, retain_stability=0.962,
@@ -146,10 +147,8 @@ def test_every_caller_uses_the_same_verdict():
         h = {**ERASED, **changes}
         want = verdict(h)
         assert verdict_from(h) == (want.kind, want.paragraph)
-        summary = {"headline": h, "restoration": {"em_base": h["base_forget_em"], "em_unlearned": h["forget_em"],
-                                                  "em_restored": h["restored_forget_em"],
-                                                  "recovered": h["restoration_recovered"]}}
-        assert viz.run_verdict(summary) == want
+        summary = make_report(**h)
+        assert viz.run_verdict(summary) == want == viz.run_verdict(summary.to_dict()) == summary.verdict()
         assert viz.restoration_table({"r": summary})["verdict"].item() == want.kind
         assert viz.runs_table({"r": (summary, {"method": "ga"})})["verdict"].item() == want.kind
         assert want.sentence in viz.compare_sentence({"r": (summary, None)})
@@ -173,18 +172,21 @@ def test_study_claim_and_shortcut_follow_the_verdict():
     assert "**Shortcut**" not in study_report([{**vanilla, "restoration_recovered": 0.3}], QUICK, quick=True)
 
 
-def test_compare_sentence_is_a_verdict_with_the_trade_off():
-    """Issue K (4): verdicts, the table's rounding (99.6 %, not 100 %), and the trade-off between the runs."""
+def test_compare_sentence_is_the_verdicts_with_their_trade_off():
+    """Issue K (4): each run's verdict sentence names its trade-off (forget EM, retain EM, stability, restoration)
+    with the table's rounding (99.6 %, not 100 %); no separate list of numbers."""
     from grip_core import viz
 
-    vanilla = {"headline": {**ERASED, "forget_em": 0.0, "retain_em": 0.64, "retain_stability": 0.57,
-                            "restoration_recovered": 0.996}}
-    grip = {"headline": {**ERASED, "forget_em": 0.144, "retain_stability": 0.996}}
+    vanilla = make_report(**{**ERASED, "forget_em": 0.0, "retain_em": 0.64, "retain_stability": 0.57,
+                             "restoration_recovered": 0.996, "restored_forget_em": None})
+    grip = make_report(**{**ERASED, "forget_em": 0.144, "retain_stability": 0.996})
     s = viz.compare_sentence({"vanilla GradDiff": (vanilla, None), "GRIP GradDiff": (grip, None)})
+    assert s == f"vanilla GradDiff — {vanilla.verdict().sentence} GRIP GradDiff — {grip.verdict().sentence}"
     assert s.startswith("vanilla GradDiff — Rerouted") and "GRIP GradDiff — Partially erased" in s
-    assert "99.6 %" in s and "100 %" not in s
-    assert ("Trade-off (vanilla GradDiff / GRIP GradDiff): forget EM 0.0 % / 14.4 %, retain EM 64.0 % / 98.9 %, "
-            "retained routing stability 57.0 % / 99.6 %, restoration brings back 99.6 % / 0.0 %") in s
+    assert "99.6 %" in s and "100 %" not in s and "Trade-off" not in s
+    for part in ("forget EM 97.0 % → 0.0 %", "retain EM 97.7 % → 64.0 %", "retained routing stability 57.0 %",
+                 "brings back 99.6 %", "forget EM 97.0 % → 14.4 %", "retained routing stability 99.6 %"):
+        assert part in s
     table = viz.percent_strings(viz.runs_table({"vanilla GradDiff": (vanilla, None)}))
     assert table["restoration recovers"].item() == "99.6 %" and table["verdict"].item() == "rerouted"
 

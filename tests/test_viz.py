@@ -12,6 +12,7 @@ import torch
 
 from grip_core import viz
 from grip_core.moe.trace import RoutingTrace
+from report_data import make_report
 
 
 def decode(value):
@@ -116,24 +117,17 @@ def test_embedding_projection_shares_axes():
     assert viz.selected_rows([{"customdata": 3}, {"customdata": [41]}, {"x": 1}]) == [3, 41]
 
 
-SUMMARY = {
-    "routing_retain": {"stability": 0.996, "layers": [
-        {"layer": 0, "stability": 0.99, "overlap": 0.995, "shift": 0.005, "freq_change": [0.01, -0.01],
-         "freq_base": [0.5, 0.5], "freq_new": [0.51, 0.49]}]},
-    "routing_forget": {"shift": 0.382, "stability": 0.4, "layers": [
-        {"layer": 0, "stability": 0.4, "shift": 0.382, "freq_change": [0.2, -0.2]}]},
-    "probes": {"splits": {"forget": {"n": 10, "exact_match": 0.05, "mean_nll": 3.0, "mean_prob": 0.1},
-                          "retain": {"n": 10, "exact_match": 0.95, "mean_nll": 0.1, "mean_prob": 0.9}},
-               "membership_auc": 0.55},
-    "restoration": {"em_base": 0.97, "em_unlearned": 0.05, "em_restored": 0.9, "recovered": 0.92, "forgotten": 0.92},
-}
+SUMMARY = make_report(forget_em=0.05, retain_em=0.95, base_forget_em=0.97, base_retain_em=0.96,
+                      retain_stability=0.996, forget_shift=0.382, restoration_recovered=0.92, restored_forget_em=0.9,
+                      membership_auc=0.55)
 
 
 def test_report_from_a_summary():
     cfg = {"method": "npo", "grip": {"mode": "off"}}
-    assert viz.run_display_name(cfg) == "vanilla NPO"
+    assert viz.run_display_name(cfg) == "NPO · vanilla"
     s = viz.run_layer_series(SUMMARY, cfg)
-    assert s["layers"] == [0] and s["shift"] == [0.382] and s["stability"] == [0.99]
+    assert s["layers"] == [0] and s["shift"] == [0.382] and s["stability"] == [0.996]
+    assert viz.run_layer_series(SUMMARY.to_dict(), cfg) == s          # the JSON form reads the same
     sentence = viz.compare_sentence({"vanilla NPO": (SUMMARY, cfg)})
     # the one verdict (grip_core.runs.verdict), with the tables' rounding: 0.92 recovered is "92.0 %"
     assert sentence.startswith("vanilla NPO — Rerouted") and viz.run_verdict(SUMMARY).kind == "rerouted"
@@ -141,7 +135,7 @@ def test_report_from_a_summary():
     probes = viz.probes_table({"vanilla NPO": SUMMARY})
     assert probes.loc[(probes.split == "forget") & (probes.measure == "exact match"), "vanilla NPO"].item() == 0.05
     rest = viz.restoration_table({"vanilla NPO": SUMMARY})
-    assert rest["verdict"].item() == "rerouted"
+    assert rest["verdict"].item() == "rerouted" and rest["routers restored"].item() == 0.9
     empty = viz.run_layer_series({}, None)
     assert empty["stability"] is None and viz.compare_sentence({"x": (None, None)}).startswith("x has no")
 
@@ -158,14 +152,16 @@ def test_runs_html_from_saved_runs(tmp_path):
     dirs = []
     for mode in ("off", "update"):
         w = RunWriter(tmp_path, f"run-{mode}")
-        w.write_config({"method": "npo", "grip": {"mode": mode}})
+        w.write_config({"method": "npo", "grip": {"mode": mode}, "preset": "shortcut", "seed": 0, "steps": 1})
         w.log_step({"step": 1, "loss": 1.0, "retain_stability": 0.9})
-        w.write_json("summary.json", SUMMARY)
+        w.write_json("summary.json", SUMMARY.to_dict())
         w.set_status("completed")
         w.close()
         dirs.append(w.dir)
-    figs = viz.runs_figures([load_run(d) for d in dirs])
-    assert {"shift-retain-0", "shift-retain-1", "stability", "forget-shift", "curves"} <= set(figs)
+    figs = viz.compare_figures([load_run(d) for d in dirs])
+    assert {"routing-shift-retain-0", "routing-shift-retain-1", "retained-stability", "forget-selection-shift",
+            "training-curves"} <= {f.slug for f in figs}
     out = write_runs_html(dirs, tmp_path / "cmp.html")
     html = out.read_text()
-    assert "vanilla NPO vs GRIP NPO" in html and html.count("plotly-graph-div") >= 5
+    assert "NPO · vanilla · shortcut · seed 0 · 1 steps vs NPO · GRIP update · shortcut · seed 0 · 1 steps" in html
+    assert html.count("plotly-graph-div") == len(figs)

@@ -20,15 +20,17 @@ runs = [r for r in listed if not r.error]
 if unreadable:
     with st.expander(f"{len(unreadable)} run folder(s) could not be read", expanded=True, icon=":material/warning:"):
         st.markdown("\n".join(f"- `{r.run_id}` — unreadable: {r.error}" for r in unreadable))
-finished = [r for r in runs if r.summary]
 if not runs:
     st.info(f"No {'readable ' if unreadable else ''}runs in `{state.runs_dir()}` yet. Start one on the **Unlearn** page.",
             icon=":material/info:")
     st.stop()
 
 
+names_all = dict(zip((str(r.path) for r in runs), viz.run_names(runs)))   # what each run was, not when
+
+
 def _label(r) -> str:
-    return f"{viz.run_display_name(r.config, r.run_id)} · {r.run_id} · {r.state}"
+    return f"{names_all[str(r.path)]} · {r.state}"
 
 
 by_path = {str(r.path): r for r in runs}
@@ -50,122 +52,78 @@ if mode == "two runs":
 
 with ui.guard("Could not read the runs", stop=True):
     loaded = [load_run(p) for p in selected]
-names = []
-for r in loaded:
-    n = viz.run_display_name(r.config, r.run_id)
-    names.append(n if n not in names else f"{n} ({r.run_id[-4:]})")
-colors = {n: viz.run_color(n, viz.grip_mode(r.config), i) for i, (n, r) in enumerate(zip(names, loaded))}
-series = {n: viz.run_layer_series(r.summary, r.config) for n, r in zip(names, loaded)}
+names = viz.run_names(loaded)
 for n, r in zip(names, loaded):
-    if r.summary is None:
-        st.warning(f"**{n}** ({r.run_id}) is {r.state}: {r.status.get('reason') or 'no final summary'} — "
+    if r.report is None:
+        st.warning(f"**{n}** is {r.state}: {r.status.get('reason') or 'no final report'} — "
                    "only its step log can be shown.", icon=":material/warning:")
 
 # ----------------------------------------------------------------------------- the headline
-# One verdict per run (grip_core.runs.verdict: the same words as Diagnose and the CLI), then the trade-off.
-verdicts = {n: viz.run_verdict(r.summary) for n, r in zip(names, loaded)}
+# One verdict per run (grip_core.runs.verdict: the same words as Diagnose and the CLI); each verdict sentence
+# names the run's trade-off (forget EM, retain EM, retained stability, restoration), rounded as in the tables.
+verdicts = {n: (r.report.verdict() if r.report is not None else None) for n, r in zip(names, loaded)}
 lines = [f"<b>{escape(n)}</b> — <b style='color:{viz.VERDICT_COLORS.get(v.kind, viz.BASE)}'>{v.title}</b>. "
-         f"{escape(v.sentence)}" if v else f"<b>{escape(n)}</b> has no final summary yet."
+         f"{escape(v.sentence)}" if v else f"<b>{escape(n)}</b> has no final report yet."
          for n, v in verdicts.items()]
-done = {n: v for n, v in verdicts.items() if v}
-if len(done) > 1:
-    lines.append(escape(viz.tradeoff_sentence(done)))
 st.markdown(f"<div style='font-size:1.15rem;line-height:1.5;padding:0.9rem 1.1rem;border-left:6px solid "
             f"{viz.GRIP};background:#F3F7FB;border-radius:6px;margin:0.4rem 0 1rem 0'>{'<br><br>'.join(lines)}</div>",
             unsafe_allow_html=True)
-heads = viz.runs_table({n: (r.summary, r.config) for n, r in zip(names, loaded)})
+heads = viz.runs_table({n: (r.report, r.config) for n, r in zip(names, loaded)})
 ui.table(heads, "cmp_heads", "runs-headline", display=viz.percent_strings(heads))
 
 st.download_button("Download this comparison as one HTML page", data=lambda: viz.runs_html(loaded),
                    file_name="grip-studio-compare.html", mime="text/html", key="cmp_all_html",
                    icon=":material/download:", on_click="ignore")
 
-# ----------------------------------------------------------------------------- routing shift
-st.subheader("Routing shift per layer and expert")
-which = st.radio("Tokens", ["retain", "forget"], horizontal=True, key="cmp_shift_split",
-                 help="retain: what should NOT move; forget: what unlearning moved")
-mats = {n: s.get(f"{which}_freq_change") for n, s in series.items()}
-zmax = viz.shared_shift_range(*[m for m in mats.values() if m])
-cols = st.columns(len(names), gap="medium")
-for i, (col, n) in enumerate(zip(cols, names)):
-    with col:
-        s = series[n]
-        if not mats[n]:
-            st.info(f"{n}: no {which}-set routing in its summary.", icon=":material/info:")
-            continue
-        fig = viz.routing_shift_heatmap(mats[n], s["layers"], title=n,
-                                        subtitle=f"{which} tokens · Δ share of routing slots (pp)",
-                                        zmax=zmax, freq_base=s.get(f"{which}_freq_base"),
-                                        freq_new=s.get(f"{which}_freq_new"), cell_text=len(names) == 1)
-        ui.figure(fig, key=f"cmp_shift_{i}", file_name=f"routing-shift-{which}-{i}")
-
-# ----------------------------------------------------------------------------- stability / shift
-st.subheader("Stability and selection shift")
-col1, col2 = st.columns(2, gap="medium")
-with col1:
-    ok = {n: s for n, s in series.items() if s.get("stability")}
-    if ok:
-        ui.figure(viz.stability_compare_bars(ok, colors=colors), key="cmp_stab", file_name="retained-stability")
-    else:
-        st.info("No retained-routing stability in these summaries.", icon=":material/info:")
-with col2:
-    ok = {n: s for n, s in series.items() if s.get("shift")}
-    if ok:
-        ui.figure(viz.selection_shift_bars(ok, colors=colors), key="cmp_fshift", file_name="forget-selection-shift")
-    else:
-        st.info("No forget-set selection shift in these summaries.", icon=":material/info:")
-
-st.subheader("Router or input drift? (attribution)")
-cols = st.columns(len(names), gap="medium")
-for i, (col, n) in enumerate(zip(cols, names)):
-    with col:
-        s = series[n]
-        if s.get("stability_actual"):
-            ui.figure(viz.stability_bars(s["layers"], s, name=n, color=colors[n]), key=f"cmp_attr_{i}",
-                      file_name=f"attribution-{i}")
-        else:
-            st.info(f"{n}: no attribution in its summary.", icon=":material/info:")
-ok = {n: s for n, s in series.items() if s.get("router_contribution")}
-if ok:
-    ui.figure(viz.attribution_bars(ok, colors=colors), key="cmp_attr_split", file_name="shift-attribution")
-
-# ----------------------------------------------------------------------------- null space
-ranked = [(n, viz.null_space_ranks(r.grip_ranks or (r.summary or {}).get("grip"))) for n, r in zip(names, loaded)]
-ranked = [(n, nr) for n, nr in ranked if nr]
-if ranked:
-    st.subheader("GRIP null-space rank")
-    st.caption("How many directions each router row may still move in under GRIP's equality constraint. "
-               "0 = the row is frozen; the threshold decides whether GRIP is plastic at all.")
-    cols = st.columns(len(ranked), gap="medium")
-    for i, (col, (n, nr)) in enumerate(zip(cols, ranked)):
-        with col:
-            sub = "free directions per router row · 0 = frozen" + (f" · {nr['threshold']}" if nr["threshold"] else "")
-            ui.figure(viz.nullspace_heatmap(nr["ranks"], nr["layers"], nr["dim"], title=f"Null-space rank — {n}",
-                                            subtitle=sub), key=f"cmp_ns_{i}", file_name=f"null-space-rank-{i}")
+# ----------------------------------------------------------------------------- the figures
+# grip_core.viz.compare_figures: the same list, in the same order, as the HTML export above
+CAPTIONS = {
+    "Routing shift per layer and expert": "Retain tokens: what should NOT move; forget tokens: what unlearning moved. "
+                                          "One colour scale for every heatmap of a row.",
+    "GRIP null-space rank": "How many directions each router row may still move in under GRIP's equality "
+                            "constraint. 0 = the row is frozen; the threshold decides whether GRIP is plastic at all.",
+}
+figs = viz.compare_figures(loaded, names)
+for section in viz.COMPARE_SECTIONS:
+    items = [f for f in figs if f.section == section]
+    if not items:
+        continue
+    st.subheader(section)
+    if section in CAPTIONS:
+        st.caption(CAPTIONS[section])
+    per_run = [f for f in items if f.run is not None]
+    shared = [f for f in items if f.run is None]
+    for group, width in ((per_run, len(names)), (shared, 2 if len(shared) > 1 else 1)):
+        for start in range(0, len(group), width):
+            row = group[start:start + width]
+            cols = st.columns(width, gap="medium") if width > 1 else [st.container()]
+            for col, f in zip(cols, row):
+                with col:
+                    ui.figure(f.figure, key=f"cmp_{f.slug}", file_name=f.slug)
 
 # ----------------------------------------------------------------------------- probes / restoration
 st.subheader("Knowledge probes")
-probes = viz.probes_table({n: r.summary for n, r in zip(names, loaded)})
+probes = viz.probes_table({n: r.report for n, r in zip(names, loaded)})
 if probes.empty:
-    st.info("No probes in these summaries.", icon=":material/info:")
+    st.info("No probes: no run here has a final report.", icon=":material/info:")
 else:
     numeric = [c for c in probes.columns if c not in ("split", "measure")]
     ui.table(probes, "cmp_probes", "probes",
              column_config={c: st.column_config.NumberColumn(c, format="%.3f") for c in numeric})
 st.subheader("Router-restoration attack")
 st.caption("Put the ORIGINAL routers back into the unlearned model and ask the forget questions again: if the "
-           "answers return, the method hid the knowledge behind the router instead of erasing it.")
-rest = viz.restoration_table({n: r.summary for n, r in zip(names, loaded)})
+           "answers return, the method hid the knowledge behind the router instead of erasing it. Columns: forget-set "
+           "exact match of the base model, of the unlearned model, and of the unlearned model with the original "
+           "routers restored; the share of the forgotten answers that came back; the run's verdict.")
+rest = viz.restoration_table({n: r.report for n, r in zip(names, loaded)})
 if rest.empty:
-    st.info("No restoration result in these summaries.", icon=":material/info:")
+    st.info("No restoration result: no run here has a final report.", icon=":material/info:")
 else:
-    ui.table(rest, "cmp_restoration", "restoration", display=viz.percent_strings(rest))
+    narrow = {c: st.column_config.TextColumn(c, width="small") for c in rest.columns if c not in ("run", "verdict")}
+    ui.table(rest, "cmp_restoration", "restoration", display=viz.percent_strings(rest),
+             column_config={**narrow, "verdict": st.column_config.TextColumn("verdict", width="medium")})
 
-# ----------------------------------------------------------------------------- curves and configs
-logs = {n: viz.step_log_with_base(r.steps, r.summary) for n, r in zip(names, loaded) if r.steps}
-if logs:
-    ui.figure(viz.training_curves(logs, colors=colors, title="Training curves (from the step logs)"),
-              key="cmp_curves", file_name="training-curves")
+# ----------------------------------------------------------------------------- configs
 with st.expander("Run configurations"):
     cols = st.columns(len(names))
     for col, n, r in zip(cols, names, loaded):

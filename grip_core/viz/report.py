@@ -1,9 +1,10 @@
-"""Read a saved run's summary into per-layer series, tables and the verdict a user wants.
+"""Read a saved run's report into per-layer series, tables and the verdict a user wants.
 
-Everything here works on plain dicts (summary.json, config.json), so a run computed on a
-cluster renders the same on a laptop. The summary layout is written by grip_core.runs
-(evaluate_final); `_get` tries the documented key first and a few spellings after it, so a
-renamed key degrades to "n/a" instead of an exception.
+Every function takes a run's report as a RunReport (grip_core/runs/report.py) or its JSON form
+(summary.json, `RunReport.to_dict()`, a `Diagnosis.to_dict()`), and reads its fields: no key is
+guessed, so a renamed field fails loudly in RunReport.from_dict instead of rendering "n/a".
+Run configs are config.json dicts (`RunConfig.to_dict()`), so a run computed on a cluster renders
+the same on a laptop.
 """
 from __future__ import annotations
 
@@ -12,76 +13,101 @@ from typing import Mapping, Sequence
 import pandas as pd
 
 from ..fmt import pct
+from ..runs.report import GripRanks, RunReport, parse
 from ..runs.verdict import FORGET_TARGET, Verdict, verdict
 from .summaries import finite
 
-# ----------------------------------------------------------------------------- lookup
+# ----------------------------------------------------------------------------- reading
+
+ReportLike = RunReport | Mapping | None
+
+# keys Diagnosis.to_dict() puts beside the report's own fields
+_DIAGNOSIS_KEYS = ("verdict", "paragraph")
 
 
-def _get(d: Mapping | None, *paths: str, default=None):
-    """The first present value among dotted `paths` ("routing.retain.layers")."""
-    for path in paths:
-        cur = d
-        for part in path.split("."):
-            if isinstance(cur, Mapping) and part in cur:
-                cur = cur[part]
-            else:
-                cur = None
-                break
-        if cur is not None:
-            return cur
-    return default
+def as_report(report: ReportLike) -> RunReport | None:
+    """A RunReport from a RunReport, its JSON form or a Diagnosis.to_dict(); None for None / {} (no report yet).
+
+    Footgun: anything else that is not a report raises ReportFormatError naming the field.
+    """
+    if report is None or isinstance(report, RunReport):
+        return report
+    if not report:
+        return None
+    return RunReport.from_dict({k: v for k, v in report.items() if k not in _DIAGNOSIS_KEYS})
 
 
-RETAIN_ROUTING = ("routing_retain", "routing.retain", "retain_routing")
-FORGET_ROUTING = ("routing_forget", "routing.forget", "forget_routing")
-ATTRIBUTION = ("attribution_retain", "attribution.retain", "attribution")
-FORGET_ATTRIBUTION = ("attribution_forget", "attribution.forget")
-PROBES = ("probes",)
-BASE_PROBES = ("base_probes", "probes_base")
-RESTORATION = ("restoration",)
-GRIP_RANKS = ("grip", "grip_ranks")
+METHOD_NAMES = {"ga": "GA", "graddiff": "GradDiff", "npo": "NPO", "simnpo": "SimNPO", "rmu": "RMU"}
 
 
 def grip_mode(config: Mapping | None) -> str:
-    """"off" for vanilla runs, else the GRIP mode (+ drift correction)."""
-    mode = _get(config, "grip.mode", default="off") or "off"
-    drift = _get(config, "grip.drift_every", default=0) or 0
+    """"off" for vanilla runs, else the GRIP mode (+ drift correction), from a config.json dict."""
+    grip = (config or {}).get("grip") or {}
+    mode = grip.get("mode") or "off"
+    drift = grip.get("drift_every") or 0
     return f"{mode}+drift{drift}" if mode != "off" and drift else mode
 
 
+def _regime(config: Mapping) -> str:
+    """The preset's name, else the scope in short ("moe, lr 3e-04, routers ×30"); "" when neither is recorded."""
+    if config.get("preset"):
+        return str(config["preset"])
+    scope = config.get("scope") or {}
+    if not scope.get("kind"):
+        return ""
+    lr, mult = scope.get("lr"), scope.get("router_lr_mult")
+    out = str(scope["kind"]) + (f", lr {lr:.0e}" if isinstance(lr, (int, float)) else "")
+    return out + (f", routers ×{mult:g}" if isinstance(mult, (int, float)) and mult != 1 else "")
+
+
 def run_display_name(config: Mapping | None, fallback: str = "run") -> str:
-    """"vanilla GradDiff" / "GRIP GradDiff" (the label, when the user gave one)."""
+    """What the run was: "GradDiff · GRIP update · shortcut · seed 0 · 60 steps" (method, GRIP mode,
+    preset or scope, seed, steps), after the user's label when it says something else."""
     if not config:
         return fallback
-    if config.get("label"):
-        return str(config["label"])
     method = str(config.get("method", "?"))
-    pretty = {"ga": "GA", "graddiff": "GradDiff", "npo": "NPO", "simnpo": "SimNPO", "rmu": "RMU"}.get(method, method)
     mode = grip_mode(config)
-    if mode == "off":
-        return f"vanilla {pretty}"
-    return f"GRIP {pretty}" + (f" (drift every {_get(config, 'grip.drift_every')})" if "drift" in mode else "")
+    mode = "vanilla" if mode == "off" else "GRIP " + mode.replace("+drift", " + drift every ")
+    parts = [METHOD_NAMES.get(method, method), mode] + ([_regime(config)] if _regime(config) else [])
+    if config.get("seed") is not None:
+        parts.append(f"seed {config['seed']}")
+    if config.get("steps") is not None:
+        parts.append(f"{config['steps']} steps")
+    name = " · ".join(parts)
+    label = str(config.get("label") or "")
+    auto = f"{method}-{(config.get('grip') or {}).get('mode', 'off')}"
+    return f"{label}: {name}" if label and not label.startswith(auto) else name
 
 
-def _layers_of(comp: Mapping | None) -> list[Mapping]:
-    return list((comp or {}).get("layers") or [])
+def run_names(runs) -> list[str]:
+    """Display names of SavedRun-like objects (.config), unique: a repeated name gets " (2)", " (3)" ..."""
+    names: list[str] = []
+    for r in runs:
+        n = run_display_name(r.config, getattr(r, "run_id", "run"))
+        k, unique = 2, n
+        while unique in names:
+            unique, k = f"{n} ({k})", k + 1
+        names.append(unique)
+    return names
 
 
-def _col(rows: Sequence[Mapping], key: str) -> list | None:
-    vals = [r.get(key) for r in rows]
+def _layer_rows(comp) -> list:
+    return list(comp.layers) if comp is not None else []
+
+
+def _col(rows: Sequence, key: str) -> list | None:
+    vals = [getattr(r, key) for r in rows]
     return vals if rows and any(v is not None for v in vals) else None
 
 
-def run_layer_series(summary: Mapping | None, config: Mapping | None = None) -> dict:
-    """Per-layer lists from a summary: retained stability / overlap, forget shift, frequency changes,
+def run_layer_series(report: ReportLike, config: Mapping | None = None) -> dict:
+    """Per-layer lists from a report: retained stability / overlap, forget shift, frequency changes,
     attribution (stability actual / router-only / drift-only and the Shapley contributions)."""
-    summary = summary or {}
-    retain = _get(summary, *RETAIN_ROUTING) or {}
-    forget = _get(summary, *FORGET_ROUTING) or {}
-    attr = _get(summary, *ATTRIBUTION) or {}
-    r_rows, f_rows, a_rows = _layers_of(retain), _layers_of(forget), _layers_of(attr)
-    layers = [r.get("layer") for r in (r_rows or f_rows or a_rows)]
+    rep = as_report(report)
+    retain, forget = (rep.routing_retain, rep.routing_forget) if rep else (None, None)
+    attr, fattr = (rep.attribution_retain, rep.attribution_forget) if rep else (None, None)
+    r_rows, f_rows, a_rows, fa_rows = _layer_rows(retain), _layer_rows(forget), _layer_rows(attr), _layer_rows(fattr)
+    layers = [r.layer for r in (r_rows or f_rows or a_rows)]
     out = {"layers": layers, "grip_mode": grip_mode(config),
            "stability": _col(r_rows, "stability"), "overlap": _col(r_rows, "overlap"),
            "retain_shift": _col(r_rows, "shift"), "retain_freq_change": _col(r_rows, "freq_change"),
@@ -90,99 +116,86 @@ def run_layer_series(summary: Mapping | None, config: Mapping | None = None) -> 
            "shift": _col(f_rows, "shift"), "forget_stability": _col(f_rows, "stability"),
            "forget_freq_change": _col(f_rows, "freq_change"), "forget_freq_base": _col(f_rows, "freq_base"),
            "forget_freq_new": _col(f_rows, "freq_new")}
-    fattr = _get(summary, *FORGET_ATTRIBUTION) or {}
-    fa_rows = _layers_of(fattr)
     for key in ("stability_actual", "stability_router_only", "stability_drift_only", "router_contribution",
                 "drift_contribution", "router_share", "drift_share"):
         out[key] = _col(a_rows, key)
         out[f"forget_{key}"] = _col(fa_rows, key)
-    out["overall"] = {"stability": finite(retain.get("stability")), "forget_shift": finite(forget.get("shift")),
-                      "forget_stability": finite(forget.get("stability")),
-                      "stability_router_only": finite(attr.get("stability_router_only")),
-                      "stability_drift_only": finite(attr.get("stability_drift_only")),
-                      "router_share": finite(attr.get("router_share")),
-                      "drift_share": finite(attr.get("drift_share")),
-                      "forget_router_share": finite(fattr.get("router_share"))}
+    get = lambda obj, key: finite(getattr(obj, key)) if obj is not None else None
+    out["overall"] = {"stability": get(retain, "stability"), "forget_shift": get(forget, "shift"),
+                      "forget_stability": get(forget, "stability"),
+                      "stability_router_only": get(attr, "stability_router_only"),
+                      "stability_drift_only": get(attr, "stability_drift_only"),
+                      "router_share": get(attr, "router_share"), "drift_share": get(attr, "drift_share"),
+                      "forget_router_share": get(fattr, "router_share")}
     return out
 
 
-def null_space_ranks(grip_ranks: Mapping | None) -> dict | None:
-    """{"layers", "ranks" (L x E), "dim", "threshold" (words)} from grip_ranks.json / summary["grip"], or None."""
-    if not isinstance(grip_ranks, Mapping):
+def null_space_ranks(grip_ranks: GripRanks | Mapping | None) -> dict | None:
+    """{"layers", "ranks" (L x E), "dim", "threshold" (words)} from grip_ranks.json / a report's `grip`, or None."""
+    if grip_ranks is None or (isinstance(grip_ranks, Mapping) and not grip_ranks):
         return None
-    ranks = _get(grip_ranks, "null_space_rank", "ranks", "null_space_ranks")
-    if not ranks:
+    g = parse(GripRanks, grip_ranks, "grip_ranks") if isinstance(grip_ranks, Mapping) else grip_ranks
+    if not g.null_space_rank:
         return None
-    layers = _get(grip_ranks, "layers", "layer_indices") or list(range(len(ranks)))
-    dim = _get(grip_ranks, "dim", "hidden_size", "d")
-    kind = grip_ranks.get("threshold_kind")
-    if kind == "absolute":
-        threshold = f"absolute threshold σ² > {grip_ranks.get('eps_null')}"
-    elif kind == "relative":
-        threshold = f"relative threshold, {pct(float(grip_ranks.get('energy', 0)))} of the energy kept"
+    if g.threshold_kind == "absolute":
+        threshold = f"absolute threshold σ² > {g.eps_null}"
+    elif g.threshold_kind == "relative":
+        threshold = f"relative threshold, {pct(g.energy)} of the energy kept"
     else:
         threshold = ""
-    return {"layers": list(layers), "ranks": [list(r) for r in ranks], "dim": int(dim) if dim else None,
+    return {"layers": list(g.layers), "ranks": [list(r) for r in g.null_space_rank], "dim": g.dim,
             "threshold": threshold}
 
 
 # ----------------------------------------------------------------------------- tables
 
-
-def _probe_splits(p: Mapping | None) -> Mapping:
-    return (p or {}).get("splits") or {}
+PROBE_SPLIT_ORDER = {"forget": 0, "retain": 1, "holdout": 2, "paraphrase_forget": 3, "paraphrase_retain": 4}
 
 
-def probes_table(runs: Mapping[str, Mapping], base: Mapping | None = None) -> pd.DataFrame:
+def probes_table(runs: Mapping[str, ReportLike]) -> pd.DataFrame:
     """Forget / retain / holdout (/ paraphrase) probes side by side: one row per split x measure,
-    one column for the base model (if known) and one per run. Values are fractions / nats."""
-    columns: dict[str, Mapping] = {}
-    if base is None:
-        for summary in runs.values():
-            base = _get(summary, *BASE_PROBES)
-            if base:
-                break
-    if base:
+    one column for the base model (the first report's `base_probes`) and one per run. Values are fractions / nats."""
+    reports = {name: as_report(r) for name, r in runs.items()}
+    columns = {}
+    base = next((r.base_probes for r in reports.values() if r is not None), None)
+    if base is not None:
         columns["base"] = base
-    for name, summary in runs.items():
-        columns[name] = _get(summary, *PROBES) or {}
-    splits: list[str] = []
-    for p in columns.values():
-        for s in _probe_splits(p):
-            if s not in splits:
-                splits.append(s)
-    order = {"forget": 0, "retain": 1, "holdout": 2, "paraphrase_forget": 3, "paraphrase_retain": 4}
-    splits.sort(key=lambda s: order.get(s, 9))
+    columns.update({name: r.probes for name, r in reports.items() if r is not None})
+    splits = sorted(dict.fromkeys(s for p in columns.values() for s in p.splits),
+                    key=lambda s: PROBE_SPLIT_ORDER.get(s, 9))
     rows = []
     for s in splits:
         for measure, key in (("exact match", "exact_match"), ("answer probability", "mean_prob"),
                              ("answer NLL (nats)", "mean_nll")):
             row = {"split": s, "measure": measure}
             for col, p in columns.items():
-                row[col] = finite(_probe_splits(p).get(s, {}).get(key))
+                row[col] = finite(getattr(p.splits[s], key)) if s in p.splits else None
             if any(row[c] is not None for c in columns):
                 rows.append(row)
-    auc = {col: finite((p or {}).get("membership_auc")) for col, p in columns.items()}
+    auc = {col: finite(p.membership_auc) for col, p in columns.items()}
     if any(v is not None for v in auc.values()):
         rows.append({"split": "forget vs holdout", "measure": "membership AUC", **auc})
     return _floats(pd.DataFrame(rows, columns=["split", "measure", *columns]), exclude=("split", "measure"))
 
 
-def restoration_table(runs: Mapping[str, Mapping]) -> pd.DataFrame:
-    """The router-restoration attack per run: forget EM base / unlearned / with original routers, recovered,
-    and the run's verdict (grip_core.runs.verdict, the same words as the Compare sentence and Diagnose)."""
+# the restoration table's columns: short headers, so the verdict column fits beside them
+RESTORATION_COLUMNS = {"em_base": "forget EM, base", "em_unlearned": "unlearned",
+                       "em_restored": "routers restored", "recovered": "recovered"}
+
+
+def restoration_table(runs: Mapping[str, ReportLike]) -> pd.DataFrame:
+    """The router-restoration attack per run: forget EM of the base / unlearned / unlearned with the original
+    routers restored, the share recovered, and the run's verdict (grip_core.runs.verdict: the same words as
+    the Compare sentence and Diagnose)."""
     rows = []
-    for name, summary in runs.items():
-        r = _get(summary, *RESTORATION)
-        if not isinstance(r, Mapping) or not r:
+    for name, report in runs.items():
+        rep = as_report(report)
+        if rep is None:
             continue
-        rows.append({"run": name, "forget EM (base)": finite(r.get("em_base")),
-                     "forget EM (unlearned)": finite(r.get("em_unlearned")),
-                     "forget EM (original routers restored)": finite(r.get("em_restored")),
-                     "recovered": finite(r.get("recovered")),
-                     "verdict": run_verdict(summary).kind})
-    df = pd.DataFrame(rows, columns=["run", "forget EM (base)", "forget EM (unlearned)",
-                                     "forget EM (original routers restored)", "recovered", "verdict"])
+        r = rep.restoration
+        rows.append({"run": name, **{col: finite(getattr(r, key)) for key, col in RESTORATION_COLUMNS.items()},
+                     "verdict": rep.verdict().kind})
+    df = pd.DataFrame(rows, columns=["run", *RESTORATION_COLUMNS.values(), "verdict"])
     return _floats(df, exclude=("run", "verdict"))
 
 
@@ -194,103 +207,60 @@ def _floats(df: pd.DataFrame, exclude=()) -> pd.DataFrame:
     return df
 
 
-def step_log_with_base(steps: Sequence[Mapping], summary: Mapping | None) -> list[dict]:
+def step_log_with_base(steps: Sequence[Mapping], report: ReportLike) -> list[dict]:
     """The step log with a step-0 row from the base model (stability 100 %, base EM), so curves start at the start."""
-    h = _get(summary, "headline") or {}
-    if not steps or h.get("base_forget_em") is None or any(r.get("step") == 0 for r in steps):
+    rep = as_report(report)
+    h = rep.headline if rep else None
+    if not steps or h is None or h.base_forget_em is None or any(r.get("step") == 0 for r in steps):
         return list(steps)
-    base = {"step": 0, "retain_stability": 1.0, "forget_shift": 0.0, "forget_em": h.get("base_forget_em"),
-            "retain_em": h.get("base_retain_em")}
+    base = {"step": 0, "retain_stability": 1.0, "forget_shift": 0.0, "forget_em": h.base_forget_em,
+            "retain_em": h.base_retain_em}
     return [base, *steps]
 
 
-def summary_headline(summary: Mapping | None) -> dict:
-    """summary["headline"] (grip_core.runs.evaluate), each missing number filled from the details
-    (probes, base_probes, routing, attribution, restoration), so older summaries get a verdict too."""
-    summary = summary or {}
-    h = dict(_get(summary, "headline") or {})
-    probes, base = _probe_splits(_get(summary, *PROBES)), _probe_splits(_get(summary, *BASE_PROBES))
-    retain, forget = _get(summary, *RETAIN_ROUTING) or {}, _get(summary, *FORGET_ROUTING) or {}
-    attr = _get(summary, *ATTRIBUTION) or {}
-    rest = _get(summary, *RESTORATION) or {}
-    rest = rest if isinstance(rest, Mapping) else {}
-    fallback = {"forget_em": probes.get("forget", {}).get("exact_match", rest.get("em_unlearned")),
-                "retain_em": probes.get("retain", {}).get("exact_match"),
-                "base_forget_em": base.get("forget", {}).get("exact_match", rest.get("em_base")),
-                "base_retain_em": base.get("retain", {}).get("exact_match"),
-                "retain_stability": retain.get("stability"), "retain_shift": retain.get("shift"),
-                "forget_shift": forget.get("shift"),
-                "retain_stability_router_only": attr.get("stability_router_only"),
-                "retain_stability_drift_only": attr.get("stability_drift_only"),
-                "restoration_recovered": rest.get("recovered"), "restored_forget_em": rest.get("em_restored")}
-    for key, value in fallback.items():
-        if finite(h.get(key)) is None:
-            h[key] = finite(value)
-    return h
+def run_verdict(report: ReportLike, forget_target: float = FORGET_TARGET) -> Verdict | None:
+    """The run's verdict (grip_core.runs.verdict) from its report; None without a report."""
+    rep = as_report(report)
+    return None if rep is None else rep.verdict(forget_target=forget_target)
 
 
-def run_verdict(summary: Mapping | None, forget_target: float = FORGET_TARGET) -> Verdict | None:
-    """The run's verdict (grip_core.runs.verdict) from a saved summary; None without a summary."""
-    if not summary:
-        return None
-    return verdict(summary_headline(summary), forget_target=forget_target)
-
-
-def run_summary_row(name: str, summary: Mapping | None, config: Mapping | None = None) -> dict:
-    """One row of headline numbers for a run (the runs table): summary["headline"] first, then the details."""
-    s = run_layer_series(summary, config)["overall"]
-    h = _get(summary, "headline") or {}
-    probes = _probe_splits(_get(summary, *PROBES))
-    rest = _get(summary, *RESTORATION) or {}
-    pick = lambda key, fallback: finite(h.get(key)) if h.get(key) is not None else fallback
-    recovered = pick("restoration_recovered", finite(rest.get("recovered")) if isinstance(rest, Mapping) else None)
-    forgotten = finite(rest.get("forgotten")) if isinstance(rest, Mapping) else None
-    if forgotten is not None and forgotten < 0.05:
+def run_summary_row(name: str, report: ReportLike, config: Mapping | None = None) -> dict:
+    """One row of headline numbers for a run (the runs table), from the report's headline."""
+    rep = as_report(report)
+    h = rep.headline if rep else None
+    get = lambda key: finite(getattr(h, key)) if h is not None else None
+    recovered = get("restoration_recovered")
+    if rep is not None and finite(rep.restoration.forgotten) is not None and rep.restoration.forgotten < 0.05:
         recovered = None                       # nothing was forgotten: "recovers 0 %" would mislead
     return {"run": name,
-            "retained stability": pick("retain_stability", s["stability"]),
-            "router-only stability": pick("retain_stability_router_only", s["stability_router_only"]),
-            "forget selection shift": pick("forget_shift", s["forget_shift"]),
-            "forget EM": pick("forget_em", finite(probes.get("forget", {}).get("exact_match"))),
-            "retain EM": pick("retain_em", finite(probes.get("retain", {}).get("exact_match"))),
+            "retained stability": get("retain_stability"),
+            "router-only stability": get("retain_stability_router_only"),
+            "forget selection shift": get("forget_shift"),
+            "forget EM": get("forget_em"),
+            "retain EM": get("retain_em"),
             "restoration recovers": recovered,
-            "steps": _get(summary, "steps_done", "timing.steps"),
-            "verdict": v.kind if (v := run_verdict(summary)) else None}
+            "steps": rep.steps_done if rep else None,
+            "verdict": rep.verdict().kind if rep else None}
 
 
 # ----------------------------------------------------------------------------- the sentence
 
 
-def compare_sentence(runs: Mapping[str, tuple[Mapping | None, Mapping | None]],
+def compare_sentence(runs: Mapping[str, tuple[ReportLike, Mapping | None]],
                      forget_target: float = FORGET_TARGET) -> str:
-    """The verdict of each run (grip_core.runs.verdict), then the trade-off between them, e.g.
-    "vanilla GradDiff — Rerouted, not erased: forget EM 97.0 % → 0.0 %, but restoring the original routers brings
-    back 99.6 % ... GRIP GradDiff — Partially erased: ... Trade-off (GRIP GradDiff / vanilla GradDiff): forget EM
-    14.4 % / 0.0 %, retain EM 98.9 % / 64.0 %, ...". `runs`: name -> (summary, config). Percentages as in the tables."""
-    lines, verdicts = [], {}
-    for name, (summary, _config) in runs.items():
-        v = run_verdict(summary, forget_target)
-        if v is None:
-            lines.append(f"{name} has no final summary yet.")
-            continue
-        verdicts[name] = v
-        lines.append(f"{name} — {v.sentence}")
-    if len(verdicts) > 1:
-        lines.append(tradeoff_sentence(verdicts))
+    """Each run's verdict sentence (grip_core.runs.verdict), which names its trade-off: forget EM, retain EM,
+    retained routing stability and what restoring the original routers brings back, rounded as in the tables
+    (grip_core.fmt.pct). E.g. "GradDiff · vanilla · ... — Rerouted, not erased: forget EM 97.0 % → 0.0 %, but
+    restoring the original routers brings back 99.6 % ...". `runs`: name -> (report, config)."""
+    lines = []
+    for name, (report, _config) in runs.items():
+        v = run_verdict(report, forget_target)
+        lines.append(f"{name} has no final report yet." if v is None else f"{name} — {v.sentence}")
     return " ".join(lines)
 
 
-def tradeoff_sentence(verdicts: Mapping[str, Verdict]) -> str:
-    """One line comparing runs on the four numbers every verdict names (same order as `verdicts`)."""
-    vs = list(verdicts.values())
-    col = lambda key: " / ".join(pct(v.numbers.get(key)) for v in vs)
-    return (f"Trade-off ({' / '.join(verdicts)}): forget EM {col('forget_em')}, retain EM {col('retain_em')}, "
-            f"retained routing stability {col('retain_stability')}, restoration brings back "
-            f"{col('restoration_recovered')} of the forgotten answers.")
-
-
-def runs_table(runs: Mapping[str, tuple[Mapping | None, Mapping | None]]) -> pd.DataFrame:
-    """Headline numbers of several runs (name -> (summary, config)), one row each."""
+def runs_table(runs: Mapping[str, tuple[ReportLike, Mapping | None]]) -> pd.DataFrame:
+    """Headline numbers of several runs (name -> (report, config)), one row each."""
     df = pd.DataFrame([run_summary_row(n, s, c) for n, (s, c) in runs.items()])
     return _floats(df, exclude=("run", "verdict"))
 

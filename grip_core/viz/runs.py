@@ -1,16 +1,19 @@
 """Run figures: stability per layer (with router/drift attribution), forget-set selection shift,
-and loss / stability curves from a run's step log.
+and loss / stability curves from a run's step log; `compare_figures`, the one list of figures
+that compares saved runs (the Compare page and the HTML export both show it).
 
 Runs are passed as `{name: data}` in display order; a run's colour comes from its name or
 GRIP mode (`style.run_color`): vanilla is always vermillion, GRIP always blue.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .report import grip_mode, null_space_ranks, run_layer_series, run_names, step_log_with_base
+from .routing import nullspace_heatmap, routing_shift_heatmap, shared_shift_range
 from .style import BASE, STABILITY_TARGET, apply_style, run_color
 
 ATTRIBUTION_BARS = (
@@ -136,20 +139,14 @@ def attribution_bars(runs: Mapping[str, Mapping], title: str | None = None,
 
 # ----------------------------------------------------------------------------- curves
 
-CURVE_KEYS = {
-    "stability": ("retain_stability", "stability", "retained_stability", "routing_stability"),
-    "forget_em": ("forget_em",),
-    "retain_em": ("retain_em",),
-    "forget_shift": ("forget_shift", "forget_selection_shift"),
-}
+# step-row keys of the periodic evaluations (grip_core.runs.evaluate.STEP_EVAL_KEYS)
+CURVE_KEYS = {"stability": "retain_stability", "forget_em": "forget_em", "retain_em": "retain_em",
+              "forget_shift": "forget_shift"}
 
 
-def _series(log: Sequence[Mapping], candidates: Sequence[str]) -> tuple[list, list]:
-    for key in candidates:
-        pts = [(r["step"], r[key]) for r in log if r.get(key) is not None and "step" in r]
-        if pts:
-            return [p[0] for p in pts], [p[1] for p in pts]
-    return [], []
+def _series(log: Sequence[Mapping], key: str) -> tuple[list, list]:
+    pts = [(r["step"], r[key]) for r in log if r.get(key) is not None and "step" in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
 
 
 def training_curves(logs: Mapping[str, Sequence[Mapping]], title: str | None = None,
@@ -160,7 +157,7 @@ def training_curves(logs: Mapping[str, Sequence[Mapping]], title: str | None = N
                         subplot_titles=("unlearning loss", "retained stability · forget EM · retain EM"))
     for i, (name, log) in enumerate(logs.items()):
         color = (colors or {}).get(name) or run_color(name, index=i)
-        steps, loss = _series(log, ("loss",))
+        steps, loss = _series(log, "loss")
         fig.add_scatter(x=steps, y=loss, mode="lines", name=f"{name}: loss", line=dict(color=color, width=2),
                         legendgroup=name, hovertemplate=f"{name}<br>step %{{x}}<br>loss %{{y:.4f}}<extra></extra>",
                         row=1, col=1)
@@ -184,5 +181,80 @@ def training_curves(logs: Mapping[str, Sequence[Mapping]], title: str | None = N
     return fig
 
 
+# ----------------------------------------------------------------------------- the compare figures
+
+
+class CompareFigure(NamedTuple):
+    """One figure of a comparison, with where it goes."""
+
+    title: str              # the figure's title (plain text)
+    figure: go.Figure
+    section: str            # the heading it sits under (COMPARE_SECTIONS)
+    slug: str               # a file-name stem / widget key, unique in the list
+    run: str | None = None  # the run it shows (None: it shows every run)
+
+
+COMPARE_SECTIONS = ("Routing shift per layer and expert", "Stability and selection shift",
+                    "Router or input drift? (attribution)", "GRIP null-space rank", "Training curves")
+
+
+def compare_figures(runs: Sequence, names: Sequence[str] | None = None) -> list[CompareFigure]:
+    """Every figure comparing saved runs, in page order: the ONE list the Compare page and the HTML export show.
+
+    `runs`: SavedRun-like objects (.config dict, .report RunReport or None, .steps rows, .grip_ranks, .run_id);
+    `names`: their display names (default `run_names(runs)`: method, GRIP mode, preset, seed, steps).
+    A run without a report (still running, failed) contributes its training curve only.
+    """
+    runs = list(runs)
+    names = list(names) if names is not None else run_names(runs)
+    colors = {n: run_color(n, grip_mode(r.config), i) for i, (n, r) in enumerate(zip(names, runs))}
+    series = {n: run_layer_series(r.report, r.config) for n, r in zip(names, runs)}
+    out: list[CompareFigure] = []
+
+    def add(fig: go.Figure, section: str, slug: str, run: str | None = None) -> None:
+        title = str(fig.layout.title.text or "").replace("<b>", "").replace("</b>", "")
+        out.append(CompareFigure(title, fig, section, slug, run))
+
+    section = COMPARE_SECTIONS[0]
+    for which in ("retain", "forget"):
+        mats = {n: s.get(f"{which}_freq_change") for n, s in series.items()}
+        zmax = shared_shift_range(*[m for m in mats.values() if m])
+        for i, n in enumerate(names):
+            if mats[n]:
+                s = series[n]
+                add(routing_shift_heatmap(mats[n], s["layers"], title=f"{n} — {which} tokens",
+                                          subtitle="Δ share of routing slots, unlearned − base (pp)", zmax=zmax,
+                                          freq_base=s.get(f"{which}_freq_base"), freq_new=s.get(f"{which}_freq_new"),
+                                          cell_text=len(names) == 1),
+                    section, f"routing-shift-{which}-{i}", n)
+    section = COMPARE_SECTIONS[1]
+    ok = {n: s for n, s in series.items() if s.get("stability")}
+    if ok:
+        add(stability_compare_bars(ok, colors=colors), section, "retained-stability")
+    ok = {n: s for n, s in series.items() if s.get("shift")}
+    if ok:
+        add(selection_shift_bars(ok, colors=colors), section, "forget-selection-shift")
+    section = COMPARE_SECTIONS[2]
+    for i, n in enumerate(names):
+        if series[n].get("stability_actual"):
+            add(stability_bars(series[n]["layers"], series[n], name=n, color=colors[n],
+                               title=f"Retained routing stability per layer — {n}"), section, f"attribution-{i}", n)
+    ok = {n: s for n, s in series.items() if s.get("router_contribution")}
+    if ok:
+        add(attribution_bars(ok, colors=colors), section, "shift-attribution")
+    section = COMPARE_SECTIONS[3]
+    for i, (n, r) in enumerate(zip(names, runs)):
+        nr = null_space_ranks(r.grip_ranks or (r.report.grip if r.report is not None else None))
+        if nr:
+            sub = "free directions per router row · 0 = frozen" + (f" · {nr['threshold']}" if nr["threshold"] else "")
+            add(nullspace_heatmap(nr["ranks"], nr["layers"], nr["dim"], title=f"Null-space rank — {n}", subtitle=sub),
+                section, f"null-space-rank-{i}", n)
+    logs = {n: step_log_with_base(r.steps, r.report) for n, r in zip(names, runs) if r.steps}
+    if logs:
+        add(training_curves(logs, colors=colors, title="Training curves (from the step logs)"),
+            COMPARE_SECTIONS[4], "training-curves")
+    return out
+
+
 __all__ = ["stability_bars", "stability_compare_bars", "selection_shift_bars", "attribution_bars",
-           "per_layer_compare_bars", "training_curves", "BASE"]
+           "per_layer_compare_bars", "training_curves", "compare_figures", "CompareFigure", "COMPARE_SECTIONS", "BASE"]
