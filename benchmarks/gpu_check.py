@@ -238,7 +238,7 @@ def user_path(args) -> dict:
     small = UnlearningData(data.forget[:32], data.retain_train, data.retain_eval[:32], name="domain")
     d = phase("diagnose", lambda: diagnose(base, vanilla.path / "model", small, eval_examples=16,
                                            final_eval_examples=32))
-    out["diagnose"] = {"verdict": d.verdict, "tensors_changed": d.report["checkpoint"]["tensors_changed"]}
+    out["diagnose"] = {"verdict": d.verdict, "tensors_changed": d.report.checkpoint["tensors_changed"]}
     figs = phase("figures", lambda: runs_figures(runs))
     for name, fig in figs.items():
         fig.write_html(str(tmp / f"{name}.html"), include_plotlyjs="cdn")

@@ -33,15 +33,26 @@ def load_kwargs(args) -> dict:
             "max_memory": None if args.max_memory is None else int(args.max_memory * 1e9)}
 
 
+def _defaults():
+    """RunConfig() and the default preset: the one source of every run default the flags show."""
+    from .runs.config import RunConfig
+    from .runs.presets import DEFAULT_PRESET
+
+    return RunConfig(), DEFAULT_PRESET
+
+
 def _add_common(p: argparse.ArgumentParser, scenario: bool = True) -> None:
-    p.add_argument("--model", default="demo", help='"demo" or a local checkpoint directory')
+    d, _ = _defaults()
+    p.add_argument("--model", default=d.model, help='"demo" or a local checkpoint directory')
     _add_load_args(p)
     if scenario:
-        p.add_argument("--scenario", default="domain", choices=["domain", "entities"])
+        p.add_argument("--scenario", default=d.scenario, choices=["domain", "entities"])
         p.add_argument("--forget-file", help="forget set (JSONL/CSV/TOFU JSON); overrides --scenario")
         p.add_argument("--retain-file", help="retain set (with --forget-file)")
         p.add_argument("--holdout-file", help="optional holdout set for the membership AUC")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-length", type=int, default=d.max_length,
+                   help="tokens kept per example in training, probes, traces and attacks")
     p.add_argument("--runs-dir", default=None, help="where runs are saved (default: runs/)")
 
 
@@ -52,12 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "models, with router constraints and forgot-or-rerouted diagnostics.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or GRIP_STUDIO_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
+    d, default_preset = _defaults()
+    from .runs.diagnose import DIAGNOSE_EXAMPLES
 
     p = sub.add_parser("compare", help="methods x GRIP modes on one model + scenario; prints a table")
     _add_common(p)
     p.add_argument("--methods", default="ga,graddiff,npo,simnpo,rmu")
     p.add_argument("--grip-modes", default="off,update", help="comma list of off / update / gradient / drift")
-    p.add_argument("--preset", default="shortcut", help="learning-rate / scope preset (see grip_core.runs.presets)")
+    p.add_argument("--preset", default=default_preset, help="learning-rate / scope preset (see grip_core.runs.presets)")
     p.add_argument("--steps", type=int, default=None, help="unlearning steps (default: RunConfig's; 0 = none)")
     p.add_argument("--out", default=None, help="output stem: writes OUT.csv and OUT.json "
                    "(default: RUNS_DIR/compare-<time>, beside the runs)")
@@ -71,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="one unlearning job from a JSON RunConfig (or flags)")
     _add_common(p)
     p.add_argument("--config", help="RunConfig JSON file")
-    p.add_argument("--method", default="graddiff")
-    p.add_argument("--grip-mode", default="update")
-    p.add_argument("--preset", default="shortcut")
+    p.add_argument("--method", default=d.method)
+    p.add_argument("--grip-mode", default=d.grip.mode)
+    p.add_argument("--preset", default=default_preset)
     p.add_argument("--steps", type=int, default=None, help="unlearning steps (default: RunConfig's; 0 = none)")
     p.add_argument("--save-weights", nargs="?", const="delta", choices=["delta", "full"], default=None,
                    help="keep the unlearned weights in the run folder: delta (default: only changed tensors) or full")
@@ -86,9 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forget-file", required=True)
     p.add_argument("--retain-file", required=True)
     p.add_argument("--holdout-file")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-examples", type=int, default=200,
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--eval-examples", type=int, default=DIAGNOSE_EXAMPLES,
                    help="examples per split in the probes (0 = all; generation is the cost at real width)")
+    p.add_argument("--max-length", type=int, default=d.max_length,
+                   help="tokens kept per example in the probes, traces and the restoration attack")
     p.add_argument("--out", help="write the report as JSON here")
 
     p = sub.add_parser("trace", help="routing summary of a model on a file")

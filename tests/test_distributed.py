@@ -203,11 +203,11 @@ def test_two_process_job_matches_one_process(tmp_path):
     assert _key_shape(sa.config) == _key_shape(sb.config) and sa.config == sb.config
     assert _key_shape(sa.summary) == _key_shape(sb.summary)
     assert [r.keys() for r in sa.steps] == [r.keys() for r in sb.steps] and len(sb.steps) == 3
-    assert _key_shape(sa.grip_ranks) == _key_shape(sb.grip_ranks)
+    assert _key_shape(sa.grip_ranks.to_dict()) == _key_shape(sb.grip_ranks.to_dict())
     # same null-space ranks, EXACTLY: the reduced Grams equal the one-process Grams up to float64 summation
     # order (and ~1e-7 float32 batch-shape effects on the router inputs); a rank could flip only if an
     # eigenvalue sat that close to eps_null = 1e-2 (test 1 bounds the spectra's difference)
-    assert sa.grip_ranks["null_space_rank"] == sb.grip_ranks["null_space_rank"]
+    assert sa.grip_ranks.null_space_rank == sb.grip_ranks.null_space_rank
     # routing stability within 0.02 (measured: |diff| ~ 4e-4 on the quick demo): the trajectories are close,
     # not identical: 2 processes average 2 per-process token means (not one mean over all answer tokens),
     # and their margin rows are another (equally valid) random sample of the retain set
@@ -217,7 +217,7 @@ def test_two_process_job_matches_one_process(tmp_path):
     assert hb["retain_stability_router_only"] >= 0.98          # GRIP held the routers on the retained inputs
     print(f"\n2-process job {t_two:.1f}s; retain_stability 1-proc {ha['retain_stability']:.4f} "
           f"2-proc {hb['retain_stability']:.4f}; router-only {ha['retain_stability_router_only']:.4f} / "
-          f"{hb['retain_stability_router_only']:.4f}; ranks {sb.grip_ranks['mean_free_dims']}")
+          f"{hb['retain_stability_router_only']:.4f}; ranks {sb.grip_ranks.mean_free_dims}")
 
 
 # ---------------------------------------------------------------------------------- 3. benchmarks/gpu_check.py

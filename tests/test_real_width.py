@@ -118,8 +118,8 @@ def test_in_place_diagnose_equals_the_two_model_path_on_the_demo(tmp_path):
     two = diagnose(grip_core.load_model("demo"), grip_core.load_model(twin), data, eval_examples=12,
                    final_eval_examples=24)
     one = diagnose(grip_core.load_model("demo", low_memory=True), twin, data, eval_examples=12, final_eval_examples=24)
-    assert one.report["headline"] == two.report["headline"] and one.verdict == two.verdict
-    assert one.report["checkpoint"]["tensors_changed"] > 0
+    assert one.report.headline == two.report.headline and one.verdict == two.verdict
+    assert one.report.checkpoint["tensors_changed"] > 0
 
 
 def test_routers_only_grip_steps_at_real_width(real_width_checkpoint):

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from ..moe.model import MoEModel
-from .probes import answer_nll, exact_match_accuracy
+from .probes import DEFAULT_MAX_LENGTH, answer_nll, exact_match_accuracy
 
 EPS = 1e-9
 
@@ -122,8 +122,10 @@ def _mean(t: torch.Tensor) -> float:
 def router_restoration_attack(unlearned: MoEModel, original_routers: dict[str, torch.Tensor], examples: Sequence,
                               *, base: MoEModel | None = None, em_base: float | None = None, tokenizer=None,
                               split: str = "forget", batch_size: int = 32, max_new_tokens: int = 16,
-                              max_length: int = 128) -> RestorationResult:
+                              max_length: int = DEFAULT_MAX_LENGTH) -> RestorationResult:
     """Put `original_routers` into `unlearned` (in place, restored afterwards) and measure exact match on `examples`.
+
+    The answer NLLs keep `max_length` tokens per example (pass the run's RunConfig.max_length).
 
     EM_base comes from `base` (the original model) or, if already measured, `em_base`.
     """

@@ -25,6 +25,9 @@ from torch import nn
 from ..moe.model import MoEModel
 
 IGNORE_INDEX = -100
+# tokens kept per example when a caller gives no max_length; runs and diagnoses always pass RunConfig.max_length
+# (grip_core/runs/evaluate.py), so the probes see the same tokens as training and the traces
+DEFAULT_MAX_LENGTH = 128
 
 
 def unwrap(model: MoEModel | nn.Module, tokenizer=None) -> tuple[nn.Module, object]:
@@ -54,7 +57,7 @@ class _eval_mode:
 
 @torch.no_grad()
 def answer_nll(model: MoEModel | nn.Module, examples: Sequence, tokenizer=None, batch_size: int = 32,
-               max_length: int = 128) -> torch.Tensor:
+               max_length: int = DEFAULT_MAX_LENGTH) -> torch.Tensor:
     """(n,) float: mean NLL over each example's answer tokens (NaN where truncation left no answer token)."""
     from ..data import encode_qa
 
@@ -166,7 +169,8 @@ def _summarise(nll: torch.Tensor, correct: list[bool | None] | None) -> SplitPro
 
 def run_probes(model: MoEModel | nn.Module, splits: Mapping[str, Sequence], tokenizer=None, *,
                by_domain: bool = True, membership: tuple[str, str] | None = ("forget", "holdout"),
-               generate: bool = True, keep_details: bool = False, batch_size: int = 32, max_length: int = 128,
+               generate: bool = True, keep_details: bool = False, batch_size: int = 32,
+               max_length: int = DEFAULT_MAX_LENGTH,
                max_new_tokens: int = 16) -> ProbeResult:
     """Probe every split of `splits` ({"forget": [QAExample, ...], "retain": [...], ...}).
 

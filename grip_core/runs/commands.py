@@ -15,9 +15,10 @@ from ..cli import load_kwargs
 from ..moe import load_model
 from ..moe.errors import ConfigError, GripStudioError
 from .compare import GRIP_MODES, TABLE_COLUMNS, compare, compare_in_processes, format_table, make_config
+from .config import RunConfig
 from .data import UnlearningData
+from .report import RunReport
 from .store import DEFAULT_RUNS_DIR, atomic_write_json, atomic_write_text
-from .verdict import verdict
 
 
 class OutputPathError(GripStudioError, OSError):
@@ -58,15 +59,9 @@ def check_outputs(args) -> None:
             check_output_path(args.report, "--report")
 
 
-def _default_steps() -> int:
-    from .config import RunConfig
-
-    return RunConfig().steps         # the one source of defaults
-
-
 def _steps(args) -> int:
     if args.steps is None:
-        return _default_steps()
+        return RunConfig.steps           # the one source of defaults
     if args.steps < 0:
         raise ConfigError(f"--steps must be >= 0, got {args.steps}")
     return args.steps
@@ -150,7 +145,7 @@ def cmd_compare(args) -> int:
         bar.set_postfix_str(f"{row['method']}/{row['grip']}: {row['status']}")
     workers = min(args.workers or os.cpu_count() or 1, len(methods) * len(modes))
     common = dict(preset=args.preset, seed=args.seed, steps=steps, runs_dir=args.runs_dir, on_row=on_row,
-                  eval_every=args.eval_every, final_eval_examples=args.final_eval_examples,
+                  eval_every=args.eval_every, final_eval_examples=args.final_eval_examples, max_length=args.max_length,
                   model=str(args.model), **_data_record(data))
     if workers > 1:     # the model loaded above already failed early on a bad path / non-MoE model
         rows = compare_in_processes(moe, args.model, data, methods, modes, workers, **common)
@@ -164,7 +159,8 @@ def cmd_compare(args) -> int:
 
 
 # flag (argparse dest) -> the RunConfig field it sets, for `run --config FILE` with flags
-_RUN_FLAGS = {"model": "model", "scenario": "scenario", "seed": "seed", "steps": "steps", "method": "method"}
+_RUN_FLAGS = {"model": "model", "scenario": "scenario", "seed": "seed", "steps": "steps", "method": "method",
+              "max_length": "max_length"}
 
 
 def _flag(dest: str) -> str:
@@ -190,8 +186,6 @@ def run_config_from_args(args):
     leaves out, and a flag that contradicts the file is an error (never silently one or the other).
     --forget-file / --retain-file make the scenario "custom" and record the files' paths and sha256.
     """
-    from .config import RunConfig
-
     explicit = _explicit(args)
     if args.config:
         path = Path(args.config)
@@ -235,11 +229,12 @@ def run_config_from_args(args):
                                       f"{json.dumps(grip[k])}}} in {path}; drop the flag or change the file")
             d["grip"] = {**grip, **GRIP_MODES[args.grip_mode]}
         if "preset" in explicit:
-            clash = [k for k in ("scope", "method_args") if k in d]
+            clash = [k for k in ("scope", "method_args") if k in d] + \
+                (["preset"] if d.get("preset", args.preset) != args.preset else [])
             if clash:
                 raise ConfigError(f"--preset {args.preset} conflicts with {clash} in {path}; drop one of them")
-            p = make_config(d.get("method", "graddiff"), "off", args.preset)
-            d["scope"], d["method_args"] = dataclasses.asdict(p.scope), dict(p.method_args)
+            p = make_config(d.get("method", RunConfig.method), "off", args.preset)
+            d["scope"], d["method_args"], d["preset"] = dataclasses.asdict(p.scope), dict(p.method_args), args.preset
         if "data_files" in d and (args.forget_file or args.retain_file):
             raise ConfigError(f"--forget-file conflicts with \"data_files\" in {path}; drop one of them")
         try:
@@ -252,7 +247,7 @@ def run_config_from_args(args):
             raise ConfigError(f"--grip-mode: unknown mode {mode!r}; choose from {sorted(GRIP_MODES)}")
         config = make_config(args.method, mode, args.preset, args.seed, _steps(args),
                              save_weights=bool(args.save_weights), weights_format=args.save_weights or "delta",
-                             scenario=args.scenario, model=str(args.model))
+                             scenario=args.scenario, model=str(args.model), max_length=args.max_length)
     if args.forget_file or args.retain_file:
         data = _data(args, seed=config.seed, retain_eval_size=config.eval_examples)
     elif getattr(args, "holdout_file", None):
@@ -278,12 +273,13 @@ def cmd_run(args) -> int:
                                 progress=lambda row: (bar.update(1), bar.set_postfix(loss=f"{row['loss']:.3f}")))
     finally:
         bar.close()
-    headline = result.summary.get("headline", {})
-    v = verdict(headline) if headline else None             # the one verdict (docs/method.md, Verdicts)
+    report = RunReport.from_dict(result.summary) if result.summary else None
+    v = report.verdict() if report else None                # the one verdict (docs/method.md, Verdicts)
+    headline = report.headline.to_dict() if report else {}
     print(json.dumps({"status": result.status, "reason": result.reason, "run_dir": str(result.run_dir),
                       **headline, **({"verdict": v.kind, "verdict_sentence": v.sentence} if v else {})}, indent=2))
-    if headline.get("collapsed"):
-        _warn(f"the run collapsed: {headline.get('collapse_reason')}")
+    if report and report.headline.collapsed:
+        _warn(f"the run collapsed: {report.headline.collapse_reason}")
     return 0 if result.status == "completed" else 1
 
 
@@ -304,15 +300,15 @@ def cmd_diagnose(args) -> int:
     base = load_model(args.base, **load_kwargs(args), low_memory=True)   # one model in memory, no load transient
     _loaded(base)
     n = args.eval_examples
-    d = diagnose(base, args.unlearned, data, seed=args.seed, eval_examples=min(n, 64) if n else 64,
-                 final_eval_examples=n)                            # streams the unlearned tensors into `base`
-    ck = d.report.get("checkpoint", {})
+    step_n = RunConfig.eval_examples
+    d = diagnose(base, args.unlearned, data, seed=args.seed, eval_examples=min(n, step_n) if n else step_n,
+                 final_eval_examples=n, max_length=args.max_length)   # streams the unlearned tensors into `base`
+    ck = d.report.checkpoint or {}
     print(f"applied {args.unlearned}: {ck.get('tensors_changed')} of {ck.get('tensors_read')} tensors differ "
           f"({ck.get('layout')} layout, {ck.get('seconds', 0):.1f} s)", file=sys.stderr)
-    rows = [{"layer": a["layer"], "retain_stability": a["stability_actual"],
-             "router_only": a["stability_router_only"], "drift_only": a["stability_drift_only"],
-             "forget_shift": f["shift"]}
-            for a, f in zip(d.report["attribution_retain"]["layers"], d.report["routing_forget"]["layers"])]
+    rows = [{"layer": a.layer, "retain_stability": a.stability_actual, "router_only": a.stability_router_only,
+             "drift_only": a.stability_drift_only, "forget_shift": f.shift}
+            for a, f in zip(d.report.attribution_retain.layers, d.report.routing_forget.layers)]
     print(format_table(rows, list(rows[0])))
     print(f"\nverdict: {d.verdict.upper()}\n{d.paragraph}")
     if args.out:

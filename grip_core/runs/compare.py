@@ -12,7 +12,7 @@ from .config import RunConfig
 from .data import UnlearningData
 from .evaluate import Baseline
 from .job import RunResult, run_unlearning
-from .presets import get_preset
+from .presets import DEFAULT_PRESET, get_preset
 from .verdict import verdict
 
 # CLI/UI names of GRIP modes -> GRIPConfig overrides ("drift" = update mode + drift correction every 10 steps)
@@ -35,12 +35,12 @@ def grip_config(mode_name: str, seed: int = 0, **overrides) -> GRIPConfig:
     return GRIPConfig(**{**GRIP_MODES[mode_name], "seed": seed, **overrides})
 
 
-def make_config(method: str, grip_mode: str, preset: str = "shortcut", seed: int = 0, steps: int = 60,
-                **overrides) -> RunConfig:
+def make_config(method: str, grip_mode: str, preset: str = DEFAULT_PRESET, seed: int = RunConfig.seed,
+                steps: int = RunConfig.steps, **overrides) -> RunConfig:
     """A RunConfig for one (method, GRIP mode) cell of a preset regime."""
     p = get_preset(preset)
     return RunConfig(method=method, method_args=dict(p.method_args), scope=dataclasses.replace(p.scope),
-                     grip=grip_config(grip_mode, seed), seed=seed, steps=steps,
+                     grip=grip_config(grip_mode, seed), seed=seed, steps=steps, preset=preset,
                      label=f"{method}-{grip_mode}-{preset}-s{seed}", **overrides)
 
 
@@ -58,7 +58,7 @@ def result_row(method: str, grip_mode: str, result: RunResult) -> dict:
 
 
 def compare(moe: MoEModel, data: UnlearningData, methods: list[str], grip_modes: list[str],
-            preset: str = "shortcut", seed: int = 0, steps: int = 60, runs_dir=None,
+            preset: str = DEFAULT_PRESET, seed: int = RunConfig.seed, steps: int = RunConfig.steps, runs_dir=None,
             on_row: Callable[[dict], None] | None = None, **config_overrides) -> list[dict]:
     """Every (method, mode) pair on the same data and seed; the base model is measured once."""
     configs = [(m, g, make_config(m, g, preset, seed, steps, **config_overrides)) for m in methods for g in grip_modes]
@@ -73,8 +73,8 @@ def compare(moe: MoEModel, data: UnlearningData, methods: list[str], grip_modes:
 
 
 def compare_in_processes(moe: MoEModel, model: str, data: UnlearningData, methods: list[str],
-                         grip_modes: list[str], workers: int, preset: str = "shortcut", seed: int = 0,
-                         steps: int = 60, runs_dir=None, on_row: Callable[[dict], None] | None = None,
+                         grip_modes: list[str], workers: int, preset: str = DEFAULT_PRESET,
+                         seed: int = RunConfig.seed, steps: int = RunConfig.steps, runs_dir=None, on_row: Callable[[dict], None] | None = None,
                          **config_overrides) -> list[dict]:
     """compare() with the runs spread over `workers` spawned processes, one torch thread each.
 

@@ -36,6 +36,8 @@ class RunConfig:
     weights_format: str = "delta"                    # "delta": only the tensors that changed, plus the base's name
                                                      # (loads with load_model / Diagnose); "full": a whole checkpoint
     label: str = ""
+    preset: str = ""                                 # the preset (grip_core.runs.presets) scope and method_args
+                                                     # came from, for the record; "" = set by hand
     # custom data (scenario "custom"): {"forget"|"retain"|"holdout": {"path", "sha256", "examples"}}, for the record
     data_files: dict = field(default_factory=dict)
 
@@ -45,6 +47,11 @@ class RunConfig:
         if not isinstance(self.method_args, dict):
             raise ConfigError(f"method_args must be a JSON object, got {type(self.method_args).__name__}")
         check_fields(self, "RunConfig")
+        if self.preset:
+            from .presets import PRESETS
+
+            if self.preset not in PRESETS:
+                raise ConfigError(f"preset must be one of {sorted(PRESETS)} or empty, got {self.preset!r}")
         if self.weights_format not in ("delta", "full"):
             raise ConfigError(f"weights_format must be 'delta' or 'full' (got {self.weights_format!r})")
         for name, low in (("steps", 0), ("batch_size", 1), ("max_length", 2), ("eval_every", 0),

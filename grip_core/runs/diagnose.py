@@ -20,6 +20,11 @@ from .report import RunReport
 from .verdict import verdict
 
 
+# examples per split in a diagnosis's final probes (the CLI's --eval-examples, the dashboard's default): a sample,
+# because generation is the cost at real width
+DIAGNOSE_EXAMPLES = 200
+
+
 @dataclass
 class Diagnosis:
     report: RunReport     # evaluate_final's full report (+ `checkpoint` when streamed in place)
@@ -37,7 +42,7 @@ def verdict_from(headline: dict) -> tuple[str, str]:
 
 
 def diagnose(base: MoEModel, unlearned: MoEModel | str | Path, data: UnlearningData, seed: int = 0,
-             eval_examples: int = RunConfig.eval_examples, final_eval_examples: int = 200,
+             eval_examples: int = RunConfig.eval_examples, final_eval_examples: int = DIAGNOSE_EXAMPLES,
              max_length: int = RunConfig.max_length) -> Diagnosis:
     """Compare a base model with an unlearned checkpoint of the same architecture on forget/retain data.
 

@@ -34,6 +34,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 )}
 
 
+DEFAULT_PRESET = "shortcut"   # the regime the CLI and the dashboard start from
+
+
 def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]

@@ -246,7 +246,8 @@ def _build(hint, value, where: str):
             return value
         raise _fail(where, hint, value)
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)
+                                        and abs(value) < 2 ** 1023):
             return float(value)
         raise _fail(where, hint, value)
     if hint is str:

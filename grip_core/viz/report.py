@@ -43,7 +43,7 @@ METHOD_NAMES = {"ga": "GA", "graddiff": "GradDiff", "npo": "NPO", "simnpo": "Sim
 def grip_mode(config: Mapping | None) -> str:
     """"off" for vanilla runs, else the GRIP mode (+ drift correction), from a config.json dict."""
     grip = (config or {}).get("grip") or {}
-    mode = grip.get("mode") or "off"
+    mode = str(grip.get("mode") or "off")
     drift = grip.get("drift_every") or 0
     return f"{mode}+drift{drift}" if mode != "off" and drift else mode
 
