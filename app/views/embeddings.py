@@ -88,6 +88,11 @@ else:
                                 axis_names=axis_names)
 event = ui.figure(fig, key="em_scatter", file_name=f"router-inputs-layer{layers[pos]}", on_select="rerun",
                   selection_mode=("lasso", "box"))
+if after is not None and color_by == "top-1 expert":
+    only_after = sorted(set(after["top1"]) - set(before["top1"]))
+    st.caption("The legend lists the experts of both panels (click one to hide it in both). "
+               + (f"Only after unlearning: {', '.join(f'expert {e}' for e in only_after)} — where these tokens "
+                  "went." if only_after else "Every expert used after unlearning was already used before."))
 
 rows = viz.selected_rows((event or {}).get("selection", {}).get("points", []) if event else [])
 st.subheader(f"Selected tokens ({len(rows)})")

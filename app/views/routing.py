@@ -50,24 +50,36 @@ with right:
 
 st.divider()
 st.subheader("Experts per domain")
+st.caption("NMI = normalised mutual information between a token's domain and its top-1 expert (0 = no "
+           "specialisation, 1 = each domain has its own expert). It depends on WHICH tokens are counted: answer "
+           "tokens carry the facts and specialise most; the question template (\"Question:\", \"Answer:\", "
+           "punctuation) is shared by every domain and pulls NMI down when it is counted too.")
 with ui.guard("Could not compute the domain × expert matrix"):
     num_layers = len(summary["layers"])
     lc1, lc2 = st.columns([1, 4])
     pos = lc1.selectbox("MoE layer", list(range(num_layers)), format_func=lambda p: f"layer {summary['layers'][p]}",
                         key="rx_dom_layer")
-    lab = state.label_routing(source, key, n_examples * 2, answers_only)
+    dom_tokens = lc1.radio("Tokens counted", ["answer tokens only", "all tokens"], key="rx_dom_tokens",
+                           help="answer tokens only: where the facts live (the NMI the docs quote); all tokens: "
+                                "question template and answer")
+    by_kind = {kind: state.label_routing(source, key, n_examples * 2, kind == "answer tokens only")
+               for kind in ("answer tokens only", "all tokens")}
+    lab = by_kind[dom_tokens]
     if lab is None:
         st.info("These examples carry no `domain` labels (the demo's do). Upload files with a `domain` column "
                 "to see which experts each domain uses.", icon=":material/info:")
     else:
         nmi = lab["nmi"]["nmi"]
-        lc1.metric("NMI (this layer)", f"{nmi[pos]:.2f}", help="normalised mutual information between domain and "
-                   "top-1 expert: 0 = no specialisation, 1 = each domain has its own expert")
-        lc1.caption("NMI per layer: " + ", ".join(f"L{l} {v:.2f}" for l, v in zip(lab["nmi"]["layers"], nmi)))
+        lc1.metric(f"NMI (this layer, {dom_tokens})", f"{nmi[pos]:.2f}",
+                   help="normalised mutual information between domain and top-1 expert on the counted tokens")
+        for kind, other in by_kind.items():
+            lc1.caption(f"NMI per layer, {kind}: " + ", ".join(
+                f"L{l} {v:.2f}" for l, v in zip(other["nmi"]["layers"], other["nmi"]["nmi"])))
         with lc2:
-            ui.figure(viz.expert_label_heatmap(lab["matrices"][pos], nmi=nmi[pos],
-                                               title=f"Which experts each domain uses — layer {summary['layers'][pos]}"),
-                      key="rx_domain", file_name=f"experts-per-domain-layer{summary['layers'][pos]}")
+            ui.figure(viz.expert_label_heatmap(
+                lab["matrices"][pos], nmi=nmi[pos],
+                title=f"Which experts each domain uses — layer {summary['layers'][pos]}, {dom_tokens}"),
+                key="rx_domain", file_name=f"experts-per-domain-layer{summary['layers'][pos]}")
 
 st.divider()
 st.subheader("A prompt, token by token")
@@ -80,6 +92,8 @@ if text.strip():
     with ui.guard("Could not trace the prompt"):
         routing = state.prompt_routing(source, text)
         ui.figure(viz.token_routing_table(routing), key="rx_prompt_fig", file_name="prompt-routing")
+        st.caption("Token glyphs: **·** is a space that belongs to the token (`·Paris` is \" Paris\"), **⏎** a "
+                   "newline, **∅** a token that decodes to no text.")
         rows = []
         for i, tok in enumerate(routing["tokens"]):
             row = {"position": i, "token": tok}

@@ -87,7 +87,9 @@ def _sorted_labels(labels: Sequence) -> list:
         return uniq
 
 
-def _add_points(fig, coords, labels, hover, cmap, row=None, col=None, showlegend=True, size=5):
+def _add_points(fig, coords, labels, hover, cmap, row=None, col=None, in_legend=(), size=5, rank=None):
+    """One trace per label; a label already in `in_legend` (shown by another panel) gets no second entry;
+    `rank`: label -> legend position (default: plotly's trace order)."""
     coords = np.asarray(coords)
     labels = list(labels)
     idx_all = np.arange(len(labels))
@@ -96,7 +98,8 @@ def _add_points(fig, coords, labels, hover, cmap, row=None, col=None, showlegend
         kw = dict(row=row, col=col) if row else {}
         fig.add_trace(go.Scattergl(
             x=coords[idx, 0], y=coords[idx, 1], mode="markers", name=_label_name(v), legendgroup=str(v),
-            showlegend=showlegend, marker=dict(color=cmap[v], size=size, opacity=0.8, line=dict(width=0)),
+            showlegend=v not in in_legend, legendrank=1000 + (rank or {}).get(v, 0),
+            marker=dict(color=cmap[v], size=size, opacity=0.8, line=dict(width=0)),
             customdata=idx, text=None if hover is None else [hover[i] for i in idx],
             hovertemplate="%{text}<extra>" + _label_name(v) + "</extra>" if hover is not None else None), **kw)
 
@@ -123,15 +126,18 @@ def embedding_pair(before, after, labels_before: Sequence, labels_after: Sequenc
                    axis_names: tuple[str, str] = ("dim 1", "dim 2")) -> go.Figure:
     """Before / after unlearning side by side on SHARED axes (one projection fitted on `before`).
 
-    customdata = row index; the "after" points' indices are offset by len(before).
+    customdata = row index; the "after" points' indices are offset by len(before). The legend lists
+    every label of BOTH panels (one entry per label, shared by the panels through its legendgroup):
+    an expert that forget tokens reach only after unlearning is the point of the view.
     """
     fig = make_subplots(rows=1, cols=2, shared_xaxes=True, shared_yaxes=True, horizontal_spacing=0.04,
                         subplot_titles=names)
     cmap = _color_map(list(labels_before) + list(labels_after))
-    _add_points(fig, before, labels_before, hover_before, cmap, 1, 1)
+    rank = {v: i for i, v in enumerate(_sorted_labels(list(labels_before) + list(labels_after)))}
+    _add_points(fig, before, labels_before, hover_before, cmap, 1, 1, rank=rank)
     n0 = len(labels_before)
     start = len(fig.data)
-    _add_points(fig, after, labels_after, hover_after, cmap, 1, 2, showlegend=False)
+    _add_points(fig, after, labels_after, hover_after, cmap, 1, 2, in_legend=set(labels_before), rank=rank)
     for tr in fig.data[start:]:
         tr.customdata = np.asarray(tr.customdata) + n0
     apply_style(fig, title or "Router inputs before and after unlearning", subtitle=subtitle, height=560)

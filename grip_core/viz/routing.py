@@ -117,7 +117,7 @@ def token_routing_table(routing: Mapping, title: str | None = None) -> go.Figure
         hovertemplate="token %{y}<br>%{x}<br>%{customdata}<extra></extra>", xgap=2, ygap=2))
     apply_style(fig, title or "Experts chosen per token and layer",
                 subtitle=f"cell = top-{len(experts[0][0]) if n else 'k'} experts (router order) · "
-                         "colour = top-1 expert", height=max(260, 110 + 26 * n))
+                         "colour = top-1 expert · tokens: · = space, ⏎ = newline", height=max(260, 110 + 26 * n))
     fig.update_yaxes(autorange="reversed", title=None, tickfont=dict(family="Menlo, Consolas, monospace", size=13))
     fig.update_xaxes(side="top", title=None)
     return fig
