@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -178,9 +179,16 @@ def test_routing_page_heatmap_matches_the_trace(studio):
 def test_routing_page_domain_heatmap(studio):
     at = app("routing")
     fig = figure(at, "Which experts each domain uses")
+    assert "answer tokens only" in fig["layout"]["title"]["text"]    # the NMI the docs quote, by default
     z = decode(fig["data"][0]["z"])
     assert len(fig["data"][0]["y"]) >= 2
     np.testing.assert_allclose(z.sum(1), 100.0, atol=1e-6)          # each domain's row sums to 100 %
+    captions = " ".join(c.value for c in at.caption)
+    assert "NMI per layer, answer tokens only:" in captions and "NMI per layer, all tokens:" in captions
+    assert "**·** is a space" in captions and "**⏎** a newline" in captions
+    at.radio(key="rx_dom_tokens").set_value("all tokens").run()
+    assert_clean(at)
+    assert "all tokens" in figure(at, "Which experts each domain uses")["layout"]["title"]["text"]
 
 
 # ----------------------------------------------------------------------------- 3 embeddings
@@ -287,20 +295,26 @@ def test_unlearn_page_runs_vanilla_and_grip(finished_runs):
 
 
 def test_compare_page_shows_both_runs(finished_runs):
+    from html import escape
+
+    from grip_core import viz
+    from grip_core.runs.store import load_run
+
     at, pair = finished_runs
     at.switch_page("views/compare.py").run()
     assert_clean(at)
     summaries = {name: json.loads((Path(s.run_dir) / "summary.json").read_text()) for name, s in pair.slots.items()}
     heat = [f for f in figures(at) if f["data"] and f["data"][0]["type"] == "heatmap"
             and "Δ pp" in json.dumps(f["data"][0].get("colorbar", {}), ensure_ascii=False)]
-    assert len(heat) == 2
-    for fig, name in zip(heat, ("vanilla", "GRIP")):
-        assert name in fig["layout"]["title"]["text"]
-        tr = fig["data"][0]
-        assert tr["zmid"] == 0 and tr["zmin"] == -tr["zmax"]
-        want = np.array([l["freq_change"] for l in summaries[name]["routing_retain"]["layers"]]) * 100
-        np.testing.assert_allclose(decode(tr["z"]), want, atol=1e-9)
-    assert heat[0]["data"][0]["zmax"] == heat[1]["data"][0]["zmax"]     # one colour scale for both
+    assert len(heat) == 4                                               # retain and forget tokens, both runs
+    for which, row in (("retain", heat[:2]), ("forget", heat[2:])):
+        for fig, name in zip(row, ("vanilla", "GRIP")):
+            assert name in fig["layout"]["title"]["text"] and f"{which} tokens" in fig["layout"]["title"]["text"]
+            tr = fig["data"][0]
+            assert tr["zmid"] == 0 and tr["zmin"] == -tr["zmax"]
+            want = np.array([l["freq_change"] for l in summaries[name][f"routing_{which}"]["layers"]]) * 100
+            np.testing.assert_allclose(decode(tr["z"]), want, atol=1e-9)
+        assert row[0]["data"][0]["zmax"] == row[1]["data"][0]["zmax"]     # one colour scale per row
 
     stab = figure(at, "Retained routing stability per layer")
     for d, name in zip(stab["data"], ("vanilla", "GRIP")):
@@ -312,18 +326,32 @@ def test_compare_page_shows_both_runs(finished_runs):
     want = summaries["vanilla"]["probes"]["splits"]["forget"]["exact_match"]
     vcol = [c for c in probes.columns if "vanilla" in c][0]
     assert em[vcol].item() == pytest.approx(want)
+    rest = [df.value for df in at.dataframe if "routers restored" in df.value.columns][0]
+    assert list(rest["verdict"]) == [viz.run_verdict(summaries[n]).kind for n in ("vanilla", "GRIP")]
+
+    # the headline is each run's verdict sentence (it names forget EM, retain EM, stability, restoration)
     sentence = " ".join(m.value for m in at.markdown)
-    from html import escape
-
-    from grip_core import viz
-
-    for name in ("vanilla", "GRIP"):                  # the one verdict of each run, then the trade-off line
+    for name in ("vanilla", "GRIP"):
         v = viz.run_verdict(summaries[name])
         assert v.title in sentence and escape(v.sentence) in sentence
-    assert "Trade-off (" in sentence and "retained routing stability" in sentence
+    assert "Trade-off (" not in sentence
 
-    at.radio(key="cmp_shift_split").set_value("forget").run()
-    assert_clean(at)
+    # run labels say what the run was (method, GRIP mode, regime, seed, steps), not when it ran
+    runs = [load_run(s.run_dir) for s in pair.slots.values()]
+    names = viz.run_names(runs)
+    assert names[0].startswith("GradDiff · vanilla · ") and names[1].startswith("GradDiff · GRIP update · ")
+    assert all(f"seed {r.config['seed']} · {r.config['steps']} steps" in n for n, r in zip(names, runs))
+    labels = [at.selectbox(key=k).format_func(at.selectbox(key=k).value) for k in ("cmp_a", "cmp_b")]
+    assert sorted(labels) == sorted(f"{n} · completed" for n in names)
+
+    # ONE list of figures: the page shows exactly compare_figures, as does the HTML export
+    page = [re.sub("</?b>", "", f["layout"]["title"]["text"]) for f in figures(at)]
+    listed = [f.title for f in viz.compare_figures(runs)]
+    html = viz.runs_html(runs)
+    exported = [re.sub("</?b>", "", json.loads(f'"{t}"'))
+                for t in re.findall(r'"title":\{"text":"(\\u003cb\\u003e.*?)"', html)]
+    assert page == listed == exported and len(listed) >= 7
+
     at.radio(key="cmp_mode").set_value("base vs one run").run()
     assert_clean(at)
 
@@ -341,6 +369,10 @@ def test_embeddings_before_and_after_share_axes(finished_runs):
     idx = np.sort(np.concatenate([decode(d["customdata"]).astype(int) for d in fig["data"]]))
     n = len(idx) // 2
     np.testing.assert_array_equal(idx, np.arange(2 * n))            # before rows 0..n-1, after rows n..2n-1
+    # one legend entry per expert of EITHER panel (where forget tokens went after unlearning is the point)
+    legend = [d["name"] for d in fig["data"] if d.get("showlegend", True)]
+    assert sorted(legend) == sorted({d["name"] for d in fig["data"]}) and len(legend) == len(set(legend))
+    assert any("legend lists the experts of both panels" in c.value for c in at.caption)
 
 
 # ----------------------------------------------------------------------------- 6 findings, 7 diagnose
