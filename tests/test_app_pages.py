@@ -309,7 +309,8 @@ def test_compare_page_shows_both_runs(finished_runs):
     assert len(heat) == 4                                               # retain and forget tokens, both runs
     for which, row in (("retain", heat[:2]), ("forget", heat[2:])):
         for fig, name in zip(row, ("vanilla", "GRIP")):
-            assert name in fig["layout"]["title"]["text"] and f"{which} tokens" in fig["layout"]["title"]["text"]
+            title = fig["layout"]["title"]
+            assert name in title["text"] and title["subtitle"]["text"].startswith(f"{which} tokens")
             tr = fig["data"][0]
             assert tr["zmid"] == 0 and tr["zmin"] == -tr["zmax"]
             want = np.array([l["freq_change"] for l in summaries[name][f"routing_{which}"]["layers"]]) * 100

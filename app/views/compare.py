@@ -68,8 +68,14 @@ lines = [f"<b>{escape(n)}</b> — <b style='color:{viz.VERDICT_COLORS.get(v.kind
 st.markdown(f"<div style='font-size:1.15rem;line-height:1.5;padding:0.9rem 1.1rem;border-left:6px solid "
             f"{viz.GRIP};background:#F3F7FB;border-radius:6px;margin:0.4rem 0 1rem 0'>{'<br><br>'.join(lines)}</div>",
             unsafe_allow_html=True)
+# long run names: a fixed-width run column (hover shows the whole name) and short headers (hover: the full
+# name), so every column, the verdict included, stays in view
+RUN_COLUMN = {"run": st.column_config.TextColumn("run", width="medium")}
+SHORT = {"retained stability": "stability", "router-only stability": "router-only",
+         "forget selection shift": "forget shift", "restoration recovers": "recovered"}
 heads = viz.runs_table({n: (r.report, r.config) for n, r in zip(names, loaded)})
-ui.table(heads, "cmp_heads", "runs-headline", display=viz.percent_strings(heads))
+ui.table(heads, "cmp_heads", "runs-headline", display=viz.percent_strings(heads),
+         column_config={**RUN_COLUMN, **{c: st.column_config.TextColumn(short, help=c) for c, short in SHORT.items()}})
 
 st.download_button("Download this comparison as one HTML page", data=lambda: viz.runs_html(loaded),
                    file_name="grip-studio-compare.html", mime="text/html", key="cmp_all_html",
@@ -119,9 +125,8 @@ rest = viz.restoration_table({n: r.report for n, r in zip(names, loaded)})
 if rest.empty:
     st.info("No restoration result: no run here has a final report.", icon=":material/info:")
 else:
-    narrow = {c: st.column_config.TextColumn(c, width="small") for c in rest.columns if c not in ("run", "verdict")}
     ui.table(rest, "cmp_restoration", "restoration", display=viz.percent_strings(rest),
-             column_config={**narrow, "verdict": st.column_config.TextColumn("verdict", width="medium")})
+             column_config=RUN_COLUMN)
 
 # ----------------------------------------------------------------------------- configs
 with st.expander("Run configurations"):

@@ -55,7 +55,7 @@ def stability_bars(layers: Sequence[int], attribution: Mapping[str, Sequence[flo
                                   "<extra></extra>")
     _target_line(fig)
     apply_style(fig, title or (name or "Retained routing stability per layer"),
-                subtitle="retained top-k sets kept: actual · router only · drift only",
+                subtitle="retained routing stability per layer: actual · router only · drift only",
                 height=440)
     fig.update_layout(barmode="group", bargap=0.25)
     fig.update_yaxes(range=[0, 112], title="stability (%)", ticksuffix=" %")
@@ -112,18 +112,20 @@ def attribution_bars(runs: Mapping[str, Mapping], title: str | None = None,
     """Per layer and run: the retained routing shift split into router-weight and input-drift parts.
 
     runs: name -> {"layers", "router_contribution", "drift_contribution"} (Shapley split, they sum
-    to the actual shift). Stacked per run, runs side by side.
+    to the actual shift). Stacked per run, runs side by side, each under a letter (A, B, ...) that the
+    legend spells out: run names are too long for tick labels.
     """
     fig = go.Figure()
     for i, (name, r) in enumerate(runs.items()):
         color = (colors or {}).get(name) or run_color(name, r.get("grip_mode"), i)
-        x = [_layer_names(r["layers"]), [name] * len(r["layers"])]
+        tag = chr(ord("A") + i % 26)
+        x = [_layer_names(r["layers"]), [tag] * len(r["layers"])]
         for key, label, opacity in (("router_contribution", "router weights", 1.0),
                                     ("drift_contribution", "input drift", 0.45)):
             vals = r.get(key)
             if vals is None:
                 continue
-            fig.add_bar(x=x, y=[None if v is None else 100 * v for v in vals], name=f"{name}: {label}",
+            fig.add_bar(x=x, y=[None if v is None else 100 * v for v in vals], name=f"{tag} = {name}: {label}",
                         marker=dict(color=color, opacity=opacity,
                                     pattern=dict(shape="" if opacity == 1.0 else "/", fgcolor="white")),
                         offsetgroup=name, legendgroup=name,
@@ -131,7 +133,7 @@ def attribution_bars(runs: Mapping[str, Mapping], title: str | None = None,
     apply_style(fig, title or "Where the retained routing shift comes from",
                 subtitle="retained shift (100 % − stability) = router weights + input drift (Shapley)", height=440)
     fig.update_layout(barmode="relative")
-    # the run names form a second row of x tick labels: push the legend below them
+    # the run letters form a second row of x tick labels: push the legend below them
     fig.update_layout(legend=dict(y=-0.3), margin=dict(b=130))
     fig.update_yaxes(title="shift (pp)", ticksuffix=" pp")
     return fig
@@ -170,8 +172,8 @@ def training_curves(logs: Mapping[str, Sequence[Mapping]], title: str | None = N
                             line=dict(color=color, dash=dash, width=2), marker=dict(size=6), legendgroup=name,
                             hovertemplate=f"{name}<br>step %{{x}}<br>{label} %{{y:.1f}} %<extra></extra>",
                             row=1, col=2)
-    apply_style(fig, title or "Training curves", height=420)
-    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0))
+    apply_style(fig, title or "Training curves", height=460)
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.36, xanchor="left", x=0))
     fig.update_xaxes(title="step", row=1, col=1)
     fig.update_xaxes(title="step", row=1, col=2)
     if total_steps:
@@ -212,6 +214,8 @@ def compare_figures(runs: Sequence, names: Sequence[str] | None = None) -> list[
     out: list[CompareFigure] = []
 
     def add(fig: go.Figure, section: str, slug: str, run: str | None = None) -> None:
+        if run is not None and len(names) > 1:     # side by side: a smaller title keeps a long run name in view
+            fig.update_layout(title_font_size=15)
         title = str(fig.layout.title.text or "").replace("<b>", "").replace("</b>", "")
         out.append(CompareFigure(title, fig, section, slug, run))
 
@@ -222,8 +226,9 @@ def compare_figures(runs: Sequence, names: Sequence[str] | None = None) -> list[
         for i, n in enumerate(names):
             if mats[n]:
                 s = series[n]
-                add(routing_shift_heatmap(mats[n], s["layers"], title=f"{n} — {which} tokens",
-                                          subtitle="Δ share of routing slots, unlearned − base (pp)", zmax=zmax,
+                add(routing_shift_heatmap(mats[n], s["layers"], title=n,
+                                          subtitle=f"{which} tokens · Δ share of routing slots, unlearned − base (pp)",
+                                          zmax=zmax,
                                           freq_base=s.get(f"{which}_freq_base"), freq_new=s.get(f"{which}_freq_new"),
                                           cell_text=len(names) == 1),
                     section, f"routing-shift-{which}-{i}", n)
@@ -237,8 +242,8 @@ def compare_figures(runs: Sequence, names: Sequence[str] | None = None) -> list[
     section = COMPARE_SECTIONS[2]
     for i, n in enumerate(names):
         if series[n].get("stability_actual"):
-            add(stability_bars(series[n]["layers"], series[n], name=n, color=colors[n],
-                               title=f"Retained routing stability per layer — {n}"), section, f"attribution-{i}", n)
+            add(stability_bars(series[n]["layers"], series[n], name=n, color=colors[n], title=n),
+                section, f"attribution-{i}", n)
     ok = {n: s for n, s in series.items() if s.get("router_contribution")}
     if ok:
         add(attribution_bars(ok, colors=colors), section, "shift-attribution")
@@ -246,8 +251,8 @@ def compare_figures(runs: Sequence, names: Sequence[str] | None = None) -> list[
     for i, (n, r) in enumerate(zip(names, runs)):
         nr = null_space_ranks(r.grip_ranks or (r.report.grip if r.report is not None else None))
         if nr:
-            sub = "free directions per router row · 0 = frozen" + (f" · {nr['threshold']}" if nr["threshold"] else "")
-            add(nullspace_heatmap(nr["ranks"], nr["layers"], nr["dim"], title=f"Null-space rank — {n}", subtitle=sub),
+            sub = (f"{nr['threshold']} · " if nr["threshold"] else "") + "0 = frozen row"   # fits half a page
+            add(nullspace_heatmap(nr["ranks"], nr["layers"], nr["dim"], title=n, subtitle=sub),
                 section, f"null-space-rank-{i}", n)
     logs = {n: step_log_with_base(r.steps, r.report) for n, r in zip(names, runs) if r.steps}
     if logs:
