@@ -70,8 +70,8 @@ with ui.guard("Could not compute the domain × expert matrix"):
                 "to see which experts each domain uses.", icon=":material/info:")
     else:
         nmi = lab["nmi"]["nmi"]
-        lc1.metric(f"NMI (this layer, {dom_tokens})", f"{nmi[pos]:.2f}",
-                   help="normalised mutual information between domain and top-1 expert on the counted tokens")
+        lc1.metric("NMI, this layer", f"{nmi[pos]:.2f}",
+                   help=f"normalised mutual information between domain and top-1 expert on {dom_tokens}")
         for kind, other in by_kind.items():
             lc1.caption(f"NMI per layer, {kind}: " + ", ".join(
                 f"L{l} {v:.2f}" for l, v in zip(other["nmi"]["layers"], other["nmi"]["nmi"])))
