@@ -151,15 +151,6 @@ class RunReport:
             raise ReportFormatError(f"{source}: {exc}") from None
 
 
-def is_report(d) -> bool:
-    """True when `d` parses as a RunReport (e.g. a run's summary dict; an empty dict is not one)."""
-    try:
-        RunReport.from_dict(d)
-    except ReportFormatError:
-        return False
-    return True
-
-
 def parse(cls, data, where: str):
     """A report dataclass (`GripRanks`, `Headline`, ...) from its JSON form; ReportFormatError naming the field."""
     return _build(cls, data, where)
@@ -261,4 +252,4 @@ def _build(hint, value, where: str):
     return value
 
 
-__all__ = ["RunReport", "Headline", "GripRanks", "Timing", "ReportFormatError", "SCHEMA_VERSION", "is_report", "parse"]
+__all__ = ["RunReport", "Headline", "GripRanks", "Timing", "ReportFormatError", "SCHEMA_VERSION", "parse"]
