@@ -54,7 +54,8 @@ def make_report(**headline) -> RunReport:
     return RunReport(
         headline=h, probes=_probes(h.forget_em, h.retain_em, h.membership_auc),
         base_probes=_probes(h.base_forget_em, h.base_retain_em, h.base_membership_auc),
-        routing_retain=_routing(stab, 1 - stab, [0.01, -0.01]), routing_forget=_routing(1 - fshift, fshift, [0.2, -0.2]),
+        routing_retain=_routing(stab, 1 - stab, [0.01, -0.01]),
+        routing_forget=_routing(1 - fshift, fshift, [0.2, -0.2]),
         attribution_retain=_attribution(stab, num(h.retain_stability_router_only, stab),
                                         num(h.retain_stability_drift_only, 1.0)),
         attribution_forget=_attribution(1 - fshift, 1 - fshift, 1.0),

@@ -4,7 +4,8 @@ Layout of a run folder (all readable without GRIP Studio):
     config.json          the RunConfig, as given
     status.json          {"status": running|completed|cancelled|failed|stopped, "reason", "step", ...}
     metrics.jsonl        one JSON object per logged step, appended and flushed line by line
-    summary.json         the RunReport (grip_core/runs/report.py), versioned (absent while running, or when the run died)
+    summary.json         the RunReport (grip_core/runs/report.py), versioned (absent while running, or
+                         when the run died)
     router_deltas.safetensors   Theta_unlearned - Theta_base per router (small: E x d per layer)
     grip_ranks.json      null-space rank per layer x expert (GRIP runs)
     model/               the unlearned weights (only if asked)

@@ -27,9 +27,10 @@ def runs_html(runs) -> str:
     runs = list(runs)
     names = run_names(runs)
     named = dict(zip(names, runs))
+    with_config = {n: (r.report, r.config) for n, r in named.items()}
     parts = [f"<h1>GRIP Studio — {escape(' vs '.join(names))}</h1>",
-             f"<p style='font-size:1.25rem'>{escape(compare_sentence({n: (r.report, r.config) for n, r in named.items()}))}</p>",
-             runs_table({n: (r.report, r.config) for n, r in named.items()}).to_html(index=False, float_format="%.3f")]
+             f"<p style='font-size:1.25rem'>{escape(compare_sentence(with_config))}</p>",
+             runs_table(with_config).to_html(index=False, float_format="%.3f")]
     section = None
     for i, f in enumerate(compare_figures(runs, names)):
         if f.section != section:

@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..fmt import pct
 from ..runs.report import GripRanks, RunReport, parse
-from ..runs.verdict import FORGET_TARGET, Verdict, verdict
+from ..runs.verdict import FORGET_TARGET, Verdict
 from .summaries import finite
 
 # ----------------------------------------------------------------------------- reading
