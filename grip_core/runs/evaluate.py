@@ -14,7 +14,7 @@ from ..data import encode_qa
 from ..metrics import (ProbeResult, compare_traces, exact_match_accuracy, full_router_state,
                        router_restoration_attack, routing_shift_attribution, run_probes)
 from ..moe import MoEModel, RoutingTrace
-from .report import GripRanks, Headline, RunReport
+from .report import GripRanks, Headline, RunReport, parse
 
 
 def _cap(examples: list, n: int) -> list:
@@ -42,7 +42,7 @@ class Baseline:
     forget_trace: RoutingTrace
     step_forget: list                           # the per-step forget probe subset
     step_em: dict[str, float]                   # base EM on the per-step probe subsets
-    probes: ProbeResult                         # base probes on the final splits
+    probes: dict                                # base probes on the final splits (ProbeResult.to_dict())
     max_length: int
     # GRIP fits of the base model on the retain split, by (GRIPConfig.fit_key(), fit examples, max_length):
     # jobs sharing this Baseline fit once (run_unlearning fills and reads it; states are copied, never shared)
@@ -61,7 +61,7 @@ class Baseline:
             step_forget=step_forget,
             step_em={"forget_em": exact_match_accuracy(moe, step_forget),
                      "retain_em": exact_match_accuracy(moe, data.retain_eval)},
-            probes=run_probes(moe, final, max_length=config.max_length), max_length=config.max_length)
+            probes=run_probes(moe, final, max_length=config.max_length).to_dict(), max_length=config.max_length)
 
 
 # the keys evaluate_step adds to a step row (metrics.jsonl), read by the training curves (grip_core.viz.runs)
@@ -92,7 +92,7 @@ def evaluate_final(work: MoEModel, base: MoEModel | None, baseline: Baseline, da
     max_length = baseline.max_length
     final = {k: _cap(v, config.final_eval_examples) for k, v in data.splits().items()}
     probes = run_probes(work, final, max_length=max_length)
-    base_probes = baseline.probes
+    base_probes = parse(ProbeResult, baseline.probes, "Baseline.probes")
     new_retain = _trace(work, data.retain_eval, max_length, keep_inputs=True)
     new_forget = _trace(work, final["forget"], max_length, keep_inputs=True)
     routing_retain = compare_traces(baseline.retain_trace, new_retain)
