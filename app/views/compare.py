@@ -1,4 +1,4 @@
-"""Page 5 — Compare: two saved runs (or base vs one run), every figure side by side, from saved summaries only."""
+"""Page 5 — Compare: two saved runs (or base vs one run), every figure side by side, from the saved run reports."""
 from __future__ import annotations
 
 from html import escape
