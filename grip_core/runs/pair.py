@@ -60,11 +60,12 @@ def run_jobs(moe: MoEModel, configs: dict[str, RunConfig], data: UnlearningData 
              at_once: int = 1, progress: Callable[[JobProgress], None] | None = None,
              cancel: threading.Event | Callable[[], bool] | None = None, runs_dir=None, save: bool = True,
              base_lock=None, keep_models: bool = True, baseline: Baseline | None = None,
-             on_result: Callable[[str, RunResult], None] | None = None) -> dict[str, RunResult]:
+             on_result: Callable[[str, RunResult], None] | None = None,
+             on_baseline: Callable[[Baseline], None] | None = None) -> dict[str, RunResult]:
     """Every config on `moe` and `data`, `at_once` jobs at a time, one Baseline: {name: RunResult} in order.
 
     keep_models: keep each finished job's unlearned model in its RunResult (else dropped when it ends).
-    on_result(name, result): as each job ends.
+    on_result(name, result): as each job ends; on_baseline(baseline): once the base model is measured.
     """
     if not configs:
         return {}
@@ -73,13 +74,15 @@ def run_jobs(moe: MoEModel, configs: dict[str, RunConfig], data: UnlearningData 
     lock = base_lock or contextlib.nullcontext()
     reference = _shared_reference(moe, configs.values(), lock)
     shared = {"baseline": baseline}
+    if baseline is not None and on_baseline:
+        on_baseline(baseline)
     results: dict[str, RunResult] = {}
     names = list(configs)
     for i in range(0, len(names), max(1, at_once)):
         jobs = [Job(moe, configs[n], data, baseline=shared["baseline"], on_phase=progress, cancel=cancel,
                     runs_dir=runs_dir, save=save, reference=reference, base_lock=base_lock, name=n)
                 for n in names[i:i + max(1, at_once)]]
-        _run_group(jobs, shared)
+        _run_group(jobs, shared, on_baseline)
         for job in jobs:
             results[job.name] = job.result()
             if not keep_models:
@@ -97,14 +100,17 @@ def _shared_reference(moe: MoEModel, configs, lock):
         return copy.deepcopy(moe.model).eval().requires_grad_(False)
 
 
-def _run_group(jobs: list[Job], shared: dict) -> None:
+def _run_group(jobs: list[Job], shared: dict, on_baseline=None) -> None:
     """prepare (the first measures the base), fit, steps in turn, finish; each job's errors stay its own."""
     live = lambda: [j for j in jobs if j.status == "running"]
     for job in jobs:
         job.baseline = job.baseline or shared["baseline"]
         with job.guard(reraise=False):
             job.prepare()
-        shared["baseline"] = shared["baseline"] or job.baseline
+        if shared["baseline"] is None and job.baseline is not None:
+            shared["baseline"] = job.baseline
+            if on_baseline:
+                on_baseline(job.baseline)
     for job in live():
         with job.guard(reraise=False):
             job.fit()
