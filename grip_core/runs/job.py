@@ -204,8 +204,10 @@ class Job:
         self.grip, self.fit_seconds, self.fit_cached, self.work = None, 0.0, False, None
         self.stopped_early = self.trained = False          # stop_at_forget_em reached / no step left
         self.t0, self.t_end = time.perf_counter(), None
+        outer = _rng_state()
         seed_everything(config.seed)
-        self._rng = _rng_state()
+        self._rng = _rng_state()          # the job's own random streams, seeded (see own_rng)
+        _set_rng_state(outer)
 
     # ---- progress and cancel ----------------------------------------------------------------------
     def report(self, phase: str, fraction: float, text: str, row: dict | None = None) -> None:
@@ -213,8 +215,12 @@ class Job:
         if self.on_phase:
             self.on_phase(JobProgress(phase, fraction, text, len(self.step_log), row, self.name))
 
-    def check_cancel(self) -> None:
-        if self.dist.any(_is_cancelled(self.cancel)):                                   # [distributed] agreed
+    def check_cancel(self, collective: bool = True) -> None:
+        """JobCancelled if the cancel flag is set. collective=False at points only some processes reach
+        (rank 0's probes, a rank's fit batches): there, under a launch, only the step boundaries poll."""
+        if not collective and self.dist.world_size > 1:                                  # [distributed]
+            return
+        if self.dist.any(_is_cancelled(self.cancel)) if collective else _is_cancelled(self.cancel):  # [distributed]
             raise JobCancelled(f"cancelled during {self.phase} after {len(self.step_log)} of {self.config.steps} "
                                f"steps, {time.perf_counter() - self.t0:.0f} s after the job started")
 
@@ -224,7 +230,7 @@ class Job:
         seen = [0]
 
         def hook(module, args, kwargs):
-            self.check_cancel()
+            self.check_cancel(collective=False)
             ids = kwargs.get("input_ids", args[0] if args else None)
             if rows and isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] > 1:   # not a decode step
                 seen[0] += ids.shape[0]
@@ -302,10 +308,10 @@ class Job:
         """The fit's retain batches; cancel and progress between them."""
         n = max(1, math.ceil(len(examples) / FIT_BATCH))
         for b, i in enumerate(range(0, len(examples), FIT_BATCH)):
-            self.check_cancel()
+            self.check_cancel(collective=False)
             self.report("fit", b / n, f"GRIP fit · retain batch {b + 1} of {n}")
             yield self.encode(examples[i:i + FIT_BATCH])
-        self.check_cancel()
+        self.check_cancel(collective=False)
         self.report("fit", 0.99, "GRIP fit · null-space bases")
 
     def step(self) -> bool:
