@@ -87,7 +87,9 @@ class JobSlot:
         if self.result is not None:
             r = self.result
             took = f"{r.steps_done} steps, {r.seconds:.0f} s"
-            return f"{r.status} — {r.reason}" if r.status != "completed" else f"completed — {took}"
+            if r.status == "completed":
+                return f"completed — {took}" + (f" ({r.reason})" if r.reason else "")
+            return r.reason if r.reason.startswith(r.status) else f"{r.status} — {r.reason}"
         if self.progress is None:
             return "queued: waits for the base model probes"
         return f"{self.progress.phase} — {self.progress.text}"

@@ -216,8 +216,9 @@ def _live_view(pair: jobs.JobPair) -> None:
                 took = ""
                 if slot.status == "cancelled" and pair.cancel_requested and slot.finished:
                     took = f" (stopped {max(0.0, slot.finished - pair.cancel_requested):.1f} s after Cancel)"
-                (st.error if slot.status == "failed" else st.warning)(f"{slot.status}: {slot.result.reason}{took}",
-                                                                      icon=STATUS_ICON[slot.status])
+                reason = slot.result.reason
+                text = reason if reason.startswith(slot.status) else f"{slot.status}: {reason}"
+                (st.error if slot.status == "failed" else st.warning)(text + took, icon=STATUS_ICON[slot.status])
     start = [pair.base_row] if pair.base_row else []
     logs = {s.name: start + list(s.rows) for s in pair.slots.values()}
     if any(s.rows for s in pair.slots.values()):

@@ -175,7 +175,7 @@ class Job:
     progress(row): after every step, with its log row; on_phase(JobProgress): every progress event.
     cancel: an Event or a callable; polled between steps, fit batches and forward passes.
     reference: a frozen reference model for methods that need one (else a deep copy of the base).
-    base_lock: held while the job reads `moe` (the copy, the final attribution), when others share it.
+    base_lock: held while the job copies `moe`, when others share it (the job never runs `moe` itself).
     """
 
     def __init__(self, moe: MoEModel, config: RunConfig, data: UnlearningData | None = None, *,
@@ -366,8 +366,10 @@ class Job:
         cfg, dist, work = self.config, self.dist, self.work
         work.model.eval()
         dist.check_replicas(work.router_state())                             # [distributed] routers bitwise equal
-        with self._watch("final", "final probes", probe_rows(self.data, cfg, "final")), self.base_lock:
-            summary = dist.main_only(evaluate_final, work, self.moe, self.baseline, self.data, cfg, self.grip)
+        with self._watch("final", "final probes", probe_rows(self.data, cfg, "final")):
+            # base=None: the attribution swaps the base's router tensors into this job's own router modules,
+            # so the shared base model is not run (other sessions may be tracing it)
+            summary = dist.main_only(evaluate_final, work, None, self.baseline, self.data, cfg, self.grip)
         median = lambda xs: 1000 * float(np.median(xs)) if xs else math.nan
         summary["timing"] = {"grip_fit_seconds": self.fit_seconds, "grip_fit_cached": self.fit_cached,
                              "step_ms_median": median(self.step_seconds), "grip_ms_median": median(self.grip_seconds),

@@ -17,8 +17,8 @@ both run their jobs here. What it guarantees:
   each with a reason naming the phase and the steps done.
 
 Footguns:
-- `base_lock` guards the base model while jobs read it (the copies, the final attribution, which
-  calls the base's router modules); pass the lock others hold around their use of that model.
+- `base_lock` is held while a job copies the base model (no job runs the base model itself); pass the
+  lock others hold around their use of that model (hooks).
 - A job that fails (an exception) is marked "failed" with its reason and the others go on; Ctrl-C
   propagates.
 """
