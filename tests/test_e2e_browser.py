@@ -5,7 +5,8 @@ Readiness as in Streamlit's own e2e suite: poll /_stcore/health, then wait for
 [data-testid='stApp'][data-test-script-state='notRunning']. Screenshots of every page go to
 $GRIP_SCREENSHOTS, else test-artifacts/ (git-ignored; the test prints the folder); the compare page is
 also copied once to docs/images/compare.png. GRIP_E2E_JOB_BUDGET_S (default 600) is how long the
-default job pair may take from the click to "Open these runs in Compare".
+default job pair may take from the click to "Open these runs in Compare"; GRIP_E2E_TIMEOUT_SCALE (default 1)
+multiplies every other wait (a machine busy with other work).
 Skipped when chromium or playwright is missing.
 """
 from __future__ import annotations
@@ -28,11 +29,12 @@ from grip_core.runs import load_run
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("GRIP_SCREENSHOTS") or ROOT / "test-artifacts")
 JOB_BUDGET_S = float(os.environ.get("GRIP_E2E_JOB_BUDGET_S") or 600)
+SLOW = float(os.environ.get("GRIP_E2E_TIMEOUT_SCALE") or 1)     # > 1 on a loaded machine: every wait is longer
 README_IMAGE = ROOT / "docs" / "images" / "compare.png"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api")
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed"),
-              pytest.mark.timeout(int(JOB_BUDGET_S) + 420)]
+              pytest.mark.timeout(int(JOB_BUDGET_S + 420 * SLOW))]
 
 SAVE_WEIGHTS = "Save the unlearned weights with the run (for Diagnose or later use)"
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
@@ -63,6 +65,7 @@ def _wait_health(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> No
 
 def _wait_idle(page, timeout_ms: int = 120_000) -> None:
     """The script ran to the end (twice in a row, so a rerun that starts right after is caught too)."""
+    timeout_ms = int(timeout_ms * SLOW)
     page.wait_for_selector(IDLE, timeout=timeout_ms)
     page.wait_for_timeout(400)
     page.wait_for_selector(IDLE, timeout=timeout_ms)
@@ -106,7 +109,7 @@ def server(tmp_path_factory, e2e_env):
                              "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
-        _wait_health(port, proc)
+        _wait_health(port, proc, timeout=60.0 * SLOW)
         yield {"url": f"http://127.0.0.1:{port}", "t0": t0, "proc": proc, "runs": Path(env["GRIP_STUDIO_RUNS_DIR"])}
     finally:
         proc.terminate()
@@ -125,14 +128,14 @@ def test_main_path(server):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 1800})
-            page.set_default_timeout(60_000)
+            page.set_default_timeout(60_000 * SLOW)
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
 
             # 1 — cold start on the default page (Model): the demo's architecture and, at once, its expert-load heatmap
             page.goto(server["url"])
             heat = page.locator(".stPlotlyChart").first
-            expect(heat.locator(".heatmaplayer, .hm").first).to_be_attached(timeout=120_000)
+            expect(heat.locator(".heatmaplayer, .hm").first).to_be_attached(timeout=120_000 * SLOW)
             expect(heat).to_be_visible()
             timings["first_heatmap_s"] = time.time() - server["t0"]
             expect(page.get_by_text("Expert load per layer").first).to_be_visible()
@@ -154,7 +157,7 @@ def test_main_path(server):
             # 3 — embeddings (PCA at once)
             page.get_by_role("link", name="Embeddings").click()
             _wait_idle(page)
-            expect(page.get_by_text("Router inputs at layer").first).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("Router inputs at layer").first).to_be_visible(timeout=60_000 * SLOW)
             # lasso the whole plot area: every token is listed under it
             area = page.locator(".stPlotlyChart .nsewdrag").first.bounding_box()
             x0, y0, w, h = area["x"] + 3, area["y"] + 3, area["width"] - 6, area["height"] - 6
@@ -164,7 +167,7 @@ def test_main_path(server):
                 page.mouse.move(x, y, steps=8)
             page.mouse.up()
             _wait_idle(page)
-            expect(page.get_by_text("Most frequent:")).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("Most frequent:")).to_be_visible(timeout=30_000 * SLOW)
             assert page.get_by_text("Selected tokens (0)").count() == 0
             _shot(page, "3-embeddings")
             timings["embeddings_done_s"] = time.time() - server["t0"]
@@ -191,7 +194,7 @@ def test_main_path(server):
             kinds = {d.name: viz.run_verdict(load_run(d).summary).kind for d in run_dirs}
             open_compare.click()
             _wait_idle(page)
-            expect(page.get_by_text("Routing shift per layer and expert")).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("Routing shift per layer and expert")).to_be_visible(timeout=60_000 * SLOW)
             for kind in set(kinds.values()):
                 expect(page.get_by_text(re.compile(rf"\b{re.escape(kind)}\b", re.I)).first).to_be_visible()
             for name in ("vanilla", "GRIP"):
@@ -221,7 +224,7 @@ def test_main_path(server):
             t_dg = time.time()
             page.get_by_role("button", name="Diagnose").click()
             _wait_idle(page, timeout_ms=300_000)
-            expect(page.get_by_text("Diagnosis complete").first).to_be_visible(timeout=300_000)
+            expect(page.get_by_text("Diagnosis complete").first).to_be_visible(timeout=300_000 * SLOW)
             timings["diagnose_s"] = time.time() - t_dg
             assert page.get_by_text("Could not diagnose").count() == 0
             _shot(page, "6-diagnose")
