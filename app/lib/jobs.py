@@ -19,9 +19,22 @@ import streamlit as st
 from grip_core import MoEModel
 from grip_core.moe.errors import JobsBusyError
 
+# Torch intra-op threads of a pair's worker thread (a per-thread setting: the server's other threads keep
+# theirs; GRIP_STUDIO_JOB_THREADS overrides it). One, because on this project's 2-core machine, busy with
+# other work, the default pair's base probes took 930 s with two threads per op and 45 s with one.
+DEFAULT_JOB_THREADS = 1
+
 # Job pairs that may run at once on one dashboard server, across every browser session
 # (GRIP_STUDIO_MAX_JOBS overrides it). Each pair holds one copy of the model per job.
 DEFAULT_MAX_CONCURRENT_JOBS = 2
+
+
+def job_threads() -> int:
+    raw = os.environ.get("GRIP_STUDIO_JOB_THREADS", "")
+    try:
+        return max(1, int(raw)) if raw.strip() else DEFAULT_JOB_THREADS
+    except ValueError:
+        return DEFAULT_JOB_THREADS
 
 
 def max_concurrent_jobs() -> int:
@@ -150,8 +163,11 @@ class JobPair:
         self.slots[name].result, self.slots[name].finished = result, time.time()
 
     def _main(self) -> None:
+        import torch
+
         from grip_core.runs.pair import run_jobs
 
+        torch.set_num_threads(job_threads())             # this thread only (see DEFAULT_JOB_THREADS)
         try:
             run_jobs(self.base, {n: s.config for n, s in self.slots.items()}, self.data, at_once=len(self.slots),
                      progress=self._on_progress, cancel=self.cancel, runs_dir=self.runs_dir, base_lock=self.lock,
