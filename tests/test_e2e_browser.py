@@ -1,13 +1,18 @@
-"""End to end through a real Streamlit server and Chromium: demo → routing heatmap → vanilla + GRIP job → compare.
+"""End to end through a real Streamlit server and Chromium: demo → routing heatmap → the DEFAULT vanilla + GRIP
+job pair (RunConfig's defaults, weights saved) → Compare with its verdicts → Diagnose on a run from the picker.
 
 Readiness as in Streamlit's own e2e suite: poll /_stcore/health, then wait for
 [data-testid='stApp'][data-test-script-state='notRunning']. Screenshots of every page go to
-test-artifacts/ (git-ignored); the compare page is also copied once to docs/images/compare.png.
+$GRIP_SCREENSHOTS, else test-artifacts/ (git-ignored; the test prints the folder); the compare page is
+also copied once to docs/images/compare.png. GRIP_E2E_JOB_BUDGET_S (default 600) is how long the
+default job pair may take from the click to "Open these runs in Compare"; GRIP_E2E_TIMEOUT_SCALE (default 1)
+multiplies every other wait (a machine busy with other work).
 Skipped when chromium or playwright is missing.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -18,13 +23,20 @@ from pathlib import Path
 
 import pytest
 
+from grip_core import viz
+from grip_core.runs import load_run
+
 ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "test-artifacts"
+ARTIFACTS = Path(os.environ.get("GRIP_SCREENSHOTS") or ROOT / "test-artifacts")
+JOB_BUDGET_S = float(os.environ.get("GRIP_E2E_JOB_BUDGET_S") or 600)
+SLOW = float(os.environ.get("GRIP_E2E_TIMEOUT_SCALE") or 1)     # > 1 on a loaded machine: every wait is longer
 README_IMAGE = ROOT / "docs" / "images" / "compare.png"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api")
-pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed"), pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed"),
+              pytest.mark.timeout(int(JOB_BUDGET_S + 420 * SLOW))]
 
+SAVE_WEIGHTS = "Save the unlearned weights with the run (for Diagnose or later use)"
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--no-first-run"]
@@ -53,13 +65,14 @@ def _wait_health(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> No
 
 def _wait_idle(page, timeout_ms: int = 120_000) -> None:
     """The script ran to the end (twice in a row, so a rerun that starts right after is caught too)."""
+    timeout_ms = int(timeout_ms * SLOW)
     page.wait_for_selector(IDLE, timeout=timeout_ms)
     page.wait_for_timeout(400)
     page.wait_for_selector(IDLE, timeout=timeout_ms)
 
 
 def _shot(page, name: str) -> Path:
-    ARTIFACTS.mkdir(exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
     page.mouse.move(2, 2)                      # no hover label or plotly modebar in the picture
     page.wait_for_timeout(300)
@@ -86,12 +99,6 @@ def e2e_env(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def e2e_settings() -> dict:
-    """A short job: few steps, small evaluation slices (the test must stay well under 3 minutes)."""
-    return {"steps": 3, "eval_every": 3, "eval_examples": 8, "final_examples": 8, "fit_examples": 64}
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory, e2e_env):
     port = _free_port()
     env = {**os.environ, **e2e_env, "GRIP_STUDIO_RUNS_DIR": str(tmp_path_factory.mktemp("runs"))}
@@ -102,8 +109,8 @@ def server(tmp_path_factory, e2e_env):
                              "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
-        _wait_health(port, proc)
-        yield {"url": f"http://127.0.0.1:{port}", "t0": t0, "proc": proc}
+        _wait_health(port, proc, timeout=60.0 * SLOW)
+        yield {"url": f"http://127.0.0.1:{port}", "t0": t0, "proc": proc, "runs": Path(env["GRIP_STUDIO_RUNS_DIR"])}
     finally:
         proc.terminate()
         try:
@@ -113,7 +120,7 @@ def server(tmp_path_factory, e2e_env):
         log.close()
 
 
-def test_main_path(server, e2e_settings):
+def test_main_path(server):
     from playwright.sync_api import expect, sync_playwright
 
     timings = {}
@@ -121,14 +128,14 @@ def test_main_path(server, e2e_settings):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 1800})
-            page.set_default_timeout(60_000)
+            page.set_default_timeout(60_000 * SLOW)
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
 
             # 1 — cold start on the default page (Model): the demo's architecture and, at once, its expert-load heatmap
             page.goto(server["url"])
             heat = page.locator(".stPlotlyChart").first
-            expect(heat.locator(".heatmaplayer, .hm").first).to_be_attached(timeout=120_000)
+            expect(heat.locator(".heatmaplayer, .hm").first).to_be_attached(timeout=120_000 * SLOW)
             expect(heat).to_be_visible()
             timings["first_heatmap_s"] = time.time() - server["t0"]
             expect(page.get_by_text("Expert load per layer").first).to_be_visible()
@@ -150,7 +157,7 @@ def test_main_path(server, e2e_settings):
             # 3 — embeddings (PCA at once)
             page.get_by_role("link", name="Embeddings").click()
             _wait_idle(page)
-            expect(page.get_by_text("Router inputs at layer").first).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("Router inputs at layer").first).to_be_visible(timeout=60_000 * SLOW)
             # lasso the whole plot area: every token is listed under it
             area = page.locator(".stPlotlyChart .nsewdrag").first.bounding_box()
             x0, y0, w, h = area["x"] + 3, area["y"] + 3, area["width"] - 6, area["height"] - 6
@@ -160,50 +167,70 @@ def test_main_path(server, e2e_settings):
                 page.mouse.move(x, y, steps=8)
             page.mouse.up()
             _wait_idle(page)
-            expect(page.get_by_text("Most frequent:")).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("Most frequent:")).to_be_visible(timeout=30_000 * SLOW)
             assert page.get_by_text("Selected tokens (0)").count() == 0
             _shot(page, "3-embeddings")
             timings["embeddings_done_s"] = time.time() - server["t0"]
 
-            # 4 — unlearn: a short vanilla + GRIP job
+            # 4 — unlearn: the default vanilla + GRIP pair (RunConfig's defaults), weights saved for Diagnose
             page.get_by_role("link", name="Unlearn").click()
             _wait_idle(page)
-            steps = page.get_by_label("Steps", exact=True)
-            steps.fill(str(e2e_settings["steps"]))
-            steps.press("Enter")
-            _wait_idle(page)
             page.get_by_text("Batch and evaluation").click()
-            for label, value in (("Evaluate every N steps", e2e_settings["eval_every"]),
-                                 ("Examples per split (step probes)", e2e_settings["eval_examples"]),
-                                 ("Examples per split (final probes, 0 = all)", e2e_settings["final_examples"]),
-                                 ("Retain examples for the GRIP fit (0 = the whole retain split)",
-                                  e2e_settings["fit_examples"])):
-                box = page.get_by_label(label, exact=True)
-                box.fill(str(value))
-                box.press("Enter")
-                _wait_idle(page)
+            page.get_by_text(SAVE_WEIGHTS).click()
+            expect(page.get_by_role("checkbox", name=SAVE_WEIGHTS)).to_be_checked()
+            _wait_idle(page)
             t_job = time.time()
             page.get_by_role("button", name="Run vanilla + GRIP").click()
-            expect(page.get_by_role("button", name="Open these runs in Compare")).to_be_visible(timeout=300_000)
-            timings["job_s"] = time.time() - t_job
+            open_compare = page.get_by_role("button", name="Open these runs in Compare")
+            expect(open_compare).to_be_visible(timeout=JOB_BUDGET_S * 1000)
+            timings["default_pair_s"] = time.time() - t_job
             _wait_idle(page)
-            _shot(page, "4-unlearn")
+            expect(page.get_by_text("Final probes").first).to_be_visible()
+            _shot(page, "4-unlearn-done")
             assert page.get_by_text("failed:").count() == 0
 
-            # 5 — compare: both shift heatmaps and the probes table
-            page.get_by_role("button", name="Open these runs in Compare").click()
+            # 5 — compare: the verdict of each run (computed here from the saved runs by the library), heatmaps
+            run_dirs = _latest_runs(server["runs"], 2)
+            kinds = {d.name: viz.run_verdict(load_run(d).summary).kind for d in run_dirs}
+            open_compare.click()
             _wait_idle(page)
-            expect(page.get_by_text("Routing shift per layer and expert")).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("Routing shift per layer and expert")).to_be_visible(timeout=60_000 * SLOW)
+            for kind in set(kinds.values()):
+                expect(page.get_by_text(re.compile(rf"\b{re.escape(kind)}\b", re.I)).first).to_be_visible()
             for name in ("vanilla", "GRIP"):
                 expect(page.locator(".stPlotlyChart").filter(has_text=name).first).to_be_visible()
             expect(page.get_by_text("Knowledge probes")).to_be_visible()
             assert page.locator("[data-testid='stDataFrame']").count() >= 2
-            shot = _shot(page, "5-compare")
+            _shot(page, "5-compare")
             if not README_IMAGE.exists():
                 _readme_copy(page)
             assert page.locator("[data-testid='stException']").count() == 0
+
+            # 6 — back on Unlearn the settings are still there ("Save weights" included)
+            page.get_by_role("link", name="Unlearn").click()
+            _wait_idle(page)
+            page.get_by_text("Batch and evaluation").click()
+            expect(page.get_by_role("checkbox", name=SAVE_WEIGHTS)).to_be_checked()
+
+            # 7 — diagnose the GRIP run, picked from the saved runs with weights
+            grip_run = next(d for d in run_dirs if load_run(d).config["grip"]["mode"] != "off")
+            page.get_by_role("link", name="Diagnose").click()
+            _wait_idle(page)
+            page.get_by_test_id("stSelectbox").filter(has_text="Saved run to diagnose").locator(
+                "div[data-baseweb='select']").click()
+            page.get_by_role("option", name=re.compile(re.escape(grip_run.name))).click()
+            _wait_idle(page)
+            expect(page.get_by_label("Unlearned checkpoint directory")).to_have_value(str(grip_run / "model"))
+            t_dg = time.time()
+            page.get_by_role("button", name="Diagnose").click()
+            _wait_idle(page, timeout_ms=300_000)
+            expect(page.get_by_text("Diagnosis complete").first).to_be_visible(timeout=300_000 * SLOW)
+            timings["diagnose_s"] = time.time() - t_dg
+            assert page.get_by_text("Could not diagnose").count() == 0
+            _shot(page, "6-diagnose")
+            assert page.locator("[data-testid='stException']").count() == 0
             assert not errors, errors
-            print(f"\nE2E timings: {timings}")
+            print(f"\nE2E timings: {timings}\nscreenshots: {ARTIFACTS}")
         except BaseException:
             try:
                 _shot(page, "failure")                # what the page showed when the test gave up
@@ -212,9 +239,14 @@ def test_main_path(server, e2e_settings):
             raise
         finally:
             timings["total_s"] = time.time() - server["t0"]
-            ARTIFACTS.mkdir(exist_ok=True)
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
             (ARTIFACTS / "timings.txt").write_text("\n".join(f"{k} {v:.1f}" for k, v in timings.items()) + "\n")
             browser.close()
+
+
+def _latest_runs(root: Path, n: int) -> list[Path]:
+    """The `n` newest run folders under `root` (the pair just run)."""
+    return sorted((d for d in root.iterdir() if (d / "config.json").is_file()), key=lambda d: d.name)[-n:]
 
 
 def _readme_copy(page) -> None:

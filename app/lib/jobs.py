@@ -1,18 +1,16 @@
-"""Background unlearning jobs of one browser session: vanilla and GRIP on the same settings, side by side.
+"""Background unlearning jobs of one browser session: the page's handle on grip_core.runs.pair.run_jobs.
 
-A JobPair runs in worker threads (never calling Streamlit), writes its progress into plain
-lists the page polls, and stops between steps when its cancel Event is set. Each job trains
-its own deep copy of the base model, taken under the base model's lock, so neither another
-session nor this one ever sees a model change under it. Runs are saved to the run store.
+A JobPair runs `run_jobs` (vanilla and GRIP on the same settings, stepped together) in one worker
+thread that never calls Streamlit: it keeps the latest JobProgress event and the step rows of each
+job in plain objects the page polls, and passes the pair's cancel Event down, so a cancel acts
+within one forward pass in every phase. The base model is shared by every session and read only
+under its lock; each job trains its own single copy. Runs are saved to the run store.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import os
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +19,22 @@ import streamlit as st
 from grip_core import MoEModel
 from grip_core.moe.errors import JobsBusyError
 
+# Torch intra-op threads of a pair's worker thread (a per-thread setting: the server's other threads keep
+# theirs; GRIP_STUDIO_JOB_THREADS overrides it). One, because on this project's 2-core machine, busy with
+# other work, the default pair's base probes took 930 s with two threads per op and 45 s with one.
+DEFAULT_JOB_THREADS = 1
+
 # Job pairs that may run at once on one dashboard server, across every browser session
-# (GRIP_STUDIO_MAX_JOBS overrides it). Each pair trains two deep copies of the model.
+# (GRIP_STUDIO_MAX_JOBS overrides it). Each pair holds one copy of the model per job.
 DEFAULT_MAX_CONCURRENT_JOBS = 2
+
+
+def job_threads() -> int:
+    raw = os.environ.get("GRIP_STUDIO_JOB_THREADS", "")
+    try:
+        return max(1, int(raw)) if raw.strip() else DEFAULT_JOB_THREADS
+    except ValueError:
+        return DEFAULT_JOB_THREADS
 
 
 def max_concurrent_jobs() -> int:
@@ -49,55 +60,74 @@ def running_pairs() -> list:
 
 @dataclass
 class JobSlot:
+    """One job of a pair as the page sees it: its latest progress event, its step rows, its result."""
+
     name: str                          # "vanilla" | "GRIP"
     config: object                     # grip_core.runs.RunConfig
     rows: list = field(default_factory=list)
-    status: str = "queued"             # queued | preparing | running | evaluating | completed | cancelled | stopped | failed
-    reason: str = ""
-    run_dir: Path | None = None
-    unlearned: MoEModel | None = None  # kept in memory for the Embeddings page (this session only)
-    summary: dict = field(default_factory=dict)
-    started: float | None = None
-    finished: float | None = None
+    progress: object | None = None     # the latest grip_core.runs.job.JobProgress
+    result: object | None = None       # grip_core.runs.job.RunResult once the job ended
+    finished: float | None = None      # time.time() when it ended
 
     @property
     def done(self) -> bool:
-        return self.status in ("completed", "cancelled", "stopped", "failed")
+        return self.result is not None
 
     @property
-    def steps_done(self) -> int:
-        return len(self.rows)
+    def status(self) -> str:
+        if self.result is not None:
+            return self.result.status
+        return "queued" if self.progress is None else "running"
 
     @property
     def fraction(self) -> float:
-        total = max(int(getattr(self.config, "steps", 0) or 0), 1)
-        return min(1.0, self.steps_done / total)
+        return 1.0 if self.done else (self.progress.overall if self.progress is not None else 0.0)
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self.result.run_dir if self.result is not None else None
+
+    @property
+    def summary(self) -> dict:
+        return (self.result.summary or {}) if self.result is not None else {}
+
+    @property
+    def unlearned(self) -> MoEModel | None:
+        return self.result.unlearned if self.result is not None else None
 
     def phase(self) -> str:
-        if self.status == "running" and self.steps_done >= getattr(self.config, "steps", 0):
-            return "final evaluation (probes, attribution, restoration attack)"
-        if self.status == "running" and self.steps_done == 0:
-            return "preparing (deep copy, baseline, GRIP fit)"
-        if self.done:
-            took = f" in {self.finished - self.started:.0f} s" if self.finished and self.started else ""
-            return f"{self.steps_done} steps{took}" + (f" — {self.reason}" if self.reason else "")
-        return {"queued": "queued", "preparing": "preparing (deep copy, baseline probes)",
-                "running": f"step {self.steps_done} / {getattr(self.config, 'steps', '?')}"}.get(self.status, self.status)
+        """What the job is doing (or how it ended), in words."""
+        if self.result is not None:
+            r = self.result
+            took = f"{r.steps_done} steps, {r.seconds:.0f} s"
+            if r.status == "completed":
+                return f"completed — {took}" + (f" ({r.reason})" if r.reason else "")
+            return r.reason if r.reason.startswith(r.status) else f"{r.status} — {r.reason}"
+        if self.progress is None:
+            return "queued: waits for the base model probes"
+        return f"{self.progress.phase} — {self.progress.text}"
 
 
 class JobPair:
-    """Two jobs (or one) on the same model, data and settings, run concurrently in threads."""
+    """Two jobs (or one) on the same model, data and settings, run by run_jobs in a worker thread."""
 
     def __init__(self, base: MoEModel, lock: threading.RLock, data, configs: dict, runs_dir: Path,
                  source: str = "demo"):
         self.id = f"{time.strftime('%H%M%S')}-{id(self) % 10000:04d}"
         self.base, self.lock, self.data, self.runs_dir, self.source = base, lock, data, Path(runs_dir), source
         self.cancel = threading.Event()
+        self.cancel_requested: float | None = None
         self.slots = {name: JobSlot(name, cfg) for name, cfg in configs.items()}
         self.error: str | None = None
-        self.base_row: dict | None = None   # step 0 of the live curves: the base model's probe numbers
         self.started = time.time()
+        self._step_em: dict | None = None          # the base model's step-probe EM, once measured
         self._thread = threading.Thread(target=self._main, name=f"grip-jobs-{self.id}", daemon=True)
+
+    @property
+    def base_row(self) -> dict | None:
+        """Step 0 of the live curves: the base model's step-probe numbers (once the base is measured)."""
+        em = self._step_em
+        return {"step": 0, "retain_stability": 1.0, "forget_shift": 0.0, **em} if em else None
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "JobPair":
@@ -110,9 +140,10 @@ class JobPair:
 
     @property
     def done(self) -> bool:
-        return not self.running and all(s.done for s in self.slots.values())
+        return not self.running
 
     def request_cancel(self) -> None:
+        self.cancel_requested = self.cancel_requested or time.time()
         self.cancel.set()
 
     def progress_text(self) -> str:
@@ -121,61 +152,28 @@ class JobPair:
     def run_dirs(self) -> list[Path]:
         return [s.run_dir for s in self.slots.values() if s.run_dir is not None]
 
-    # ---- workers -----------------------------------------------------------------------------
-    def _private_copy(self) -> MoEModel:
-        with self.lock:
-            tok = copy.deepcopy(self.base.tokenizer) if self.base.tokenizer is not None else None
-            return MoEModel(copy.deepcopy(self.base.model), tok, name=self.base.name)
+    # ---- the worker --------------------------------------------------------------------------
+    def _on_progress(self, event) -> None:
+        slot = self.slots[event.job]
+        slot.progress = event
+        if event.row is not None:
+            slot.rows.append(event.row)
+
+    def _on_result(self, name: str, result) -> None:
+        self.slots[name].result, self.slots[name].finished = result, time.time()
 
     def _main(self) -> None:
-        try:
-            for s in self.slots.values():
-                s.status = "preparing"
-            first = next(iter(self.slots.values()))
-            baseline = None
-            try:
-                from grip_core.runs.evaluate import Baseline
+        import torch
 
-                baseline = Baseline.compute(self._private_copy(), self.data, first.config)
-                self.base_row = {"step": 0, "retain_stability": 1.0, "forget_shift": 0.0, **baseline.step_em}
-            except ImportError:
-                baseline = None
-            workers = [threading.Thread(target=self._run_one, args=(s, baseline), daemon=True,
-                                        name=f"grip-job-{s.name}") for s in self.slots.values()]
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
+        from grip_core.runs.pair import run_jobs
+
+        torch.set_num_threads(job_threads())             # this thread only (see DEFAULT_JOB_THREADS)
+        try:
+            run_jobs(self.base, {n: s.config for n, s in self.slots.items()}, self.data, at_once=len(self.slots),
+                     progress=self._on_progress, cancel=self.cancel, runs_dir=self.runs_dir, base_lock=self.lock,
+                     on_result=self._on_result, on_baseline=lambda b: setattr(self, "_step_em", dict(b.step_em)))
         except BaseException as exc:  # noqa: BLE001 - reported on the page
             self.error = f"{type(exc).__name__}: {exc}"
-            for s in self.slots.values():
-                if not s.done:
-                    s.status, s.reason = "failed", self.error
-
-    def _run_one(self, slot: JobSlot, baseline) -> None:
-        from grip_core.runs import run_unlearning
-
-        slot.started = time.time()
-        if self.cancel.is_set():
-            slot.status, slot.reason, slot.finished = "cancelled", "cancelled before the job started", time.time()
-            return
-        slot.status = "running"
-        try:
-            moe = self._private_copy()
-            kwargs = dict(progress=slot.rows.append, cancel=self.cancel, runs_dir=self.runs_dir)
-            if baseline is not None:
-                kwargs["baseline"] = baseline
-            result = run_unlearning(moe, slot.config, self.data, **kwargs)
-            slot.run_dir = result.run_dir
-            slot.summary = result.summary or {}
-            slot.unlearned = result.unlearned
-            slot.status, slot.reason = result.status, result.reason
-        except BaseException as exc:  # noqa: BLE001
-            slot.status = "failed"
-            slot.reason = f"{type(exc).__name__}: {exc}"
-            slot.summary = {"traceback": traceback.format_exc()[-3000:]}
-        finally:
-            slot.finished = time.time()
 
 
 def current_pair() -> JobPair | None:
@@ -209,8 +207,3 @@ def in_memory_models() -> dict[str, MoEModel]:
             if s.unlearned is not None and s.run_dir is not None:
                 out[Path(s.run_dir).name] = s.unlearned
     return out
-
-
-def config_with(config, **changes):
-    """A copy of a dataclass config with fields replaced (nested dataclasses copied too)."""
-    return dataclasses.replace(copy.deepcopy(config), **changes)

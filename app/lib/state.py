@@ -155,6 +155,29 @@ def describe(source: str) -> dict:
     return base_model(source).describe()
 
 
+# ----------------------------------------------------------------------------- settings that survive page switches
+
+KEPT = "kept_settings"          # session_state: {setting name: value}; not a widget key, so never dropped
+
+
+def kept(widget, label: str, key: str, default, *args, **kwargs):
+    """`widget(label, *args, key=key, **kwargs)` whose value survives leaving the page and coming back.
+
+    Streamlit drops the session_state entry of a widget that is not drawn in a run (another page),
+    so the widget's key is seeded, when missing, from a plain copy in session_state[KEPT] (else
+    `default`), and the copy is updated on every run. A selectbox's saved value that is no longer
+    among its options (args[0]) falls back to `default`. Do not pass value= / index=: the key holds it.
+    """
+    store = st.session_state.setdefault(KEPT, {})
+    if key not in st.session_state:
+        value = store.get(key, default)
+        if args and isinstance(args[0], (list, tuple)) and value not in args[0]:
+            value = default
+        st.session_state[key] = value
+    store[key] = widget(label, *args, key=key, **kwargs)
+    return store[key]
+
+
 # ----------------------------------------------------------------------------- data
 
 @dataclass

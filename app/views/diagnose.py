@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import traceback
 from pathlib import Path
 
 import streamlit as st
@@ -43,32 +44,52 @@ def _run_label(run) -> str:
     return f"{run.run_id} ({what}) — " + ("weights saved" if _has_weights(run) else "no weights")
 
 
+def _run_folder_without_weights(path: Path) -> str | None:
+    """One line when `path` is a saved run (or its missing model/ folder) without weights, else None."""
+    folder = path.parent if path.name == "model" and not path.exists() else path
+    if (folder / "status.json").is_file() and (folder / "config.json").is_file() and not (folder / "model").is_dir():
+        return (f"Run `{folder.name}` saved no weights, so it cannot be diagnosed: run it again with “Save the "
+                "unlearned weights” ticked on the Unlearn page.")
+    return None
+
+
 runs = {}
 try:
     from grip_core.runs.store import list_runs
 
-    runs = {r.run_id: r for r in list_runs(state.runs_dir())}
+    runs = {r.run_id: r for r in list_runs(state.runs_dir()) if not r.error}
 except Exception as exc:  # noqa: BLE001
     st.error(f"**Could not list the saved runs** — {ui.error_message(exc)}", icon=":material/error:")
+with_weights = [r for r in runs.values() if _has_weights(r)]
 
 
 def _pick_run() -> None:
-    """Fill the checkpoint fields from the picked run (before the form's widgets are drawn)."""
+    """Fill the checkpoint fields from the picked run (before the form's widgets are drawn); a run without
+    weights puts its folder in the field, so Diagnose says in one line why it cannot run."""
     run = runs.get(st.session_state.get("dg_run"))
-    if run is not None and _has_weights(run):
-        try:
-            st.session_state["dg_base"] = _run_base(run)
-        except Exception as exc:  # noqa: BLE001 - shown below the picker
-            st.session_state["dg_pick_error"] = ui.error_message(exc)
-        st.session_state["dg_unlearned"] = str(run.path / "model")
+    if run is None:
+        return
+    if not _has_weights(run):
+        st.session_state["dg_unlearned"] = str(run.path)
+        return
+    try:
+        st.session_state["dg_base"] = _run_base(run)
+    except Exception as exc:  # noqa: BLE001 - shown below the picker
+        st.session_state["dg_pick_error"] = ui.error_message(exc)
+    st.session_state["dg_unlearned"] = str(run.path / "model")
 
 
 st.session_state.setdefault("dg_base", "demo")
 st.session_state.setdefault("dg_unlearned", "")
+if st.session_state.get("dg_run") not in (None, NO_RUN, *runs):
+    st.session_state["dg_run"] = NO_RUN                 # a run that is gone is not offered
 picked = st.selectbox("Saved run to diagnose", [NO_RUN] + list(runs), key="dg_run", on_change=_pick_run,
                       format_func=lambda r: r if r == NO_RUN else _run_label(runs[r]),
                       help="runs saved with their unlearned weights (Unlearn page: “Save the unlearned weights”) "
                            "fill in the two checkpoints below")
+st.caption(f"{len(with_weights)} of {len(runs)} saved run(s) kept their weights and can be diagnosed"
+           + ("." if len(with_weights) == len(runs) else " (tick “Save the unlearned weights” on the Unlearn page "
+                                                          "to keep them)."))
 if picked in runs and not _has_weights(runs[picked]):
     st.warning(f"Run `{picked}` saved no weights, so it cannot be diagnosed: run it again with “Save the unlearned "
                "weights” ticked on the Unlearn page.", icon=":material/warning:")
@@ -149,9 +170,11 @@ def _private_base(name: str, box):
 
 if go and _diagnose is not None:
     base_name, new_path = base.strip(), unlearned.strip()
-    failure = None
+    failure, details = None, None
     if not new_path:
         failure = "give the unlearned checkpoint directory (or pick a saved run with weights)"
+    elif _run_folder_without_weights(Path(new_path).expanduser()):
+        failure = _run_folder_without_weights(Path(new_path).expanduser())
     elif not Path(new_path).expanduser().exists():
         failure = f"{new_path}: not a readable checkpoint directory"
     elif not base_name:
@@ -182,12 +205,17 @@ if go and _diagnose is not None:
                     box.update(label=f"Diagnosis complete: {result.verdict}", state="complete", expanded=False)
             except Exception as exc:  # noqa: BLE001 - shown below, outside the status box
                 failure = ui.error_message(loading.oom_error(base_name, exc) if loading.is_oom(exc) else exc)
-                box.update(label="Diagnosis failed", state="error", expanded=False)
+                details = "".join(traceback.format_exception(exc))[-4000:]
+                box.update(label="Diagnosis failed (the reason is below)", state="error", expanded=False)
             finally:
                 base_moe = None                     # the private (now unlearned) model goes now, not at the next GC
                 loading.release_memory()
     if failure:
-        st.error(f"**Could not diagnose** — {failure}", icon=":material/error:")
+        first, _, rest = failure.strip().partition("\n")
+        st.error(f"**Could not diagnose** — {first}", icon=":material/error:")
+        if rest.strip() or details:
+            with st.expander("Details"):
+                st.code((rest.strip() + "\n\n" + (details or "")).strip(), language="text")
 
 if st.session_state.get("dg_warning"):
     st.warning(f"**Cannot diagnose.** {st.session_state['dg_warning']}", icon=":material/warning:")

@@ -56,9 +56,12 @@ def _load_with_progress(key: str, plan) -> None:
     if "error" in box:
         exc = box.pop("error")
         bar.empty()
-        st.error(f"**Could not load `{loading.key_label(key)}`** — {ui.error_message(exc)}", icon=":material/error:")
+        # after the rerun the radio shows the model still in use (it may not claim the one that failed)
+        st.session_state["model_load_failed"] = (f"**Could not load `{loading.key_label(key)}`** — "
+                                                 f"{ui.error_message(exc)} · still in use: "
+                                                 f"`{loading.key_label(state.current_source())}`")
         del exc
-        return
+        st.rerun()
     bar.progress(0.92, text=f"Weights loaded in {time.time() - t0:.0f} s; discovering the routers …")
     try:
         state.describe(key)
@@ -77,11 +80,23 @@ DEMO, LOCAL, TINY = "Demo MoE (shipped with GRIP Studio)", "Local checkpoint dir
 options = [DEMO, LOCAL] + ([TINY] if os.environ.get("GRIP_STUDIO_DEV") or state.current_source().startswith("tiny:")
                           else [])
 source = state.current_source()
-index = 2 if source.startswith("tiny:") and TINY in options else (0 if loading.parse_key(source)[0] == "demo" else 1)
+
+
+def _kind_of(key: str) -> str:
+    """The radio option of the model key `key` (the model in use)."""
+    return TINY if key.startswith("tiny:") else (DEMO if loading.parse_key(key)[0] == "demo" else LOCAL)
+
+
+index = options.index(_kind_of(source)) if _kind_of(source) in options else 0
+failed = st.session_state.pop("model_load_failed", None)
+if failed:
+    st.session_state["model_kind"] = options[index]
 
 left, right = st.columns([2, 3], gap="large")
 with left:
     kind = st.radio("Model", options, index=index, key="model_kind")
+    if failed:
+        st.error(failed, icon=":material/error:")
     if kind == DEMO:
         name = "demo"
         if not state.demo_available():

@@ -11,7 +11,8 @@ from ..moe import MoEModel
 from .config import RunConfig
 from .data import UnlearningData
 from .evaluate import Baseline
-from .job import RunResult, run_unlearning
+from .job import JobProgress, RunResult, run_unlearning
+from .pair import run_jobs
 from .presets import DEFAULT_PRESET, get_preset
 from .verdict import verdict
 
@@ -59,16 +60,20 @@ def result_row(method: str, grip_mode: str, result: RunResult) -> dict:
 
 def compare(moe: MoEModel, data: UnlearningData, methods: list[str], grip_modes: list[str],
             preset: str = DEFAULT_PRESET, seed: int = RunConfig.seed, steps: int = RunConfig.steps, runs_dir=None,
-            on_row: Callable[[dict], None] | None = None, **config_overrides) -> list[dict]:
-    """Every (method, mode) pair on the same data and seed; the base model is measured once."""
-    configs = [(m, g, make_config(m, g, preset, seed, steps, **config_overrides)) for m in methods for g in grip_modes]
-    baseline = Baseline.compute(moe, data, configs[0][2])
-    rows = []
-    for method, mode, config in configs:
-        result = run_unlearning(moe, config, data, baseline=baseline, runs_dir=runs_dir)
-        rows.append(result_row(method, mode, result))
+            on_row: Callable[[dict], None] | None = None, progress: Callable[[JobProgress], None] | None = None,
+            cancel=None, **config_overrides) -> list[dict]:
+    """Every (method, mode) pair on the same data and seed, one after the other (grip_core.runs.pair.run_jobs:
+    the base model is measured once, one model copy at a time); `progress` gets every JobProgress event."""
+    cells = {f"{m}/{g}": (m, g) for m in methods for g in grip_modes}
+
+    def row_of(name: str, result: RunResult) -> None:
+        rows.append(result_row(*cells[name], result))
         if on_row:
             on_row(rows[-1])
+    rows: list[dict] = []
+    configs = {name: make_config(m, g, preset, seed, steps, **config_overrides) for name, (m, g) in cells.items()}
+    run_jobs(moe, configs, data, at_once=1, progress=progress,
+             cancel=cancel, runs_dir=runs_dir, keep_models=False, on_result=row_of)
     return rows
 
 

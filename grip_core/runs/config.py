@@ -29,7 +29,7 @@ class RunConfig:
     eval_examples: int = 64                          # examples per split in the per-step probes
     stop_at_forget_em: float | None = None           # stop early once forget EM (eval subset) falls below
     grip_fit_examples: int = 0                       # retain examples for GRIP.fit (0 = the whole retain split)
-    final_eval_examples: int = 0                     # examples per split in the final probes (0 = all)
+    final_eval_examples: int = 120                   # examples per split in the final probes (0 = all)
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     save_weights: bool = False                       # keep the unlearned weights in the run folder (for Diagnose)
