@@ -411,6 +411,13 @@ def cmd_study(args) -> int:
     path = Path(args.report) if args.report else out_dir / "findings.md"
     atomic_write_text(path, report)
     print(f"wrote {path}")
+    if args.write_committed_report and not args.quick:    # the README states the same summary, from the same cells
+        from .._paths import REPO_ROOT
+        from .study import read_study, readme_block, update_readme
+
+        study = read_study(out_dir)
+        if update_readme(REPO_ROOT / "README.md", readme_block(study["cells"], study["grid"])):
+            print(f"updated the study block of {REPO_ROOT / 'README.md'}")
     return 0
 
 

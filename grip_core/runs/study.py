@@ -25,6 +25,9 @@ Footguns:
 - The id hashes every RunConfig / GRIPConfig field, so adding a config field changes every id: the
   committed cells then no longer match (tests/test_study.py checks they do); re-key them with
   `rekey_cells` after checking the new field's default reproduces the old behaviour.
+- The device is not part of the id (the dtype is: `run_study` resolves "auto" once, where it runs, and
+  every task loads that dtype): a float32 cell made on a GPU shares its id with the CPU one and differs
+  only by rounding; its manifest records the device.
 - Every cell runs with ONE torch thread (so its numbers do not depend on the core count of the machine
   that ran it; one thread vs many can change float sums in the last bits).
 """
@@ -692,6 +695,45 @@ def study_summary(cells: list[dict], grid: StudyGrid) -> list[str]:
                        f"below {FORGET_TARGET}" + (f"; {never} GRIP rows never got there within {grid.max_steps} steps"
                                                    if never else "") + ".")
     return out
+
+
+README_START, README_END = "<!-- study-summary:start -->", "<!-- study-summary:end -->"
+README_METHODS = ("graddiff", "npo", "ga")
+
+
+def readme_block(cells: list[dict], grid: StudyGrid) -> str:
+    """The README's study block: the same summary sentences as the report and the Findings page, and the
+    headline table (GradDiff / NPO / GA means over seeds) of every run (scenario, regime)."""
+    rows = {(r["scenario"], r["regime"], r["method"], r["grip"]): r["mean"] for r in study_rows(cells, grid)
+            if not r["same_as"]}
+    names = {"off": "off", "update": "update", "drift": "drift-aware (every 10 steps)"}
+    cols = [("forget_em", "forget EM", "{:.3f}"), ("retain_em", "retain EM", "{:.2f}"),
+            ("retain_stability", "retained routing stability", "{:.2f}"),
+            ("retain_stability_router_only", "new routers on original inputs", "{:.2f}"),
+            ("restoration_recovered", "restoration attack recovers", "pct")]
+    lines = [README_START, "", *(f"- {s}" for s in study_summary(cells, grid)), "",
+             f"Headline numbers, mean over seeds ({' / '.join({'graddiff': 'GradDiff', 'npo': 'NPO', 'ga': 'GA'}[m] for m in README_METHODS)}):",
+             "", "| scenario · regime | GRIP | " + " | ".join(c[1] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for sc, rg in sorted({(k[0], k[1]) for k in rows}):
+        for i, mode in enumerate(m for m in grid.grip_modes if any((sc, rg, x, m) in rows for x in README_METHODS)):
+            vals = []
+            for key, _, f in cols:
+                xs = [rows.get((sc, rg, m, mode), {}).get(key) for m in README_METHODS]
+                vals.append(" / ".join("–" if x is None else (pct(x, 0) if f == "pct" else f.format(x)) for x in xs))
+            lines.append(f"| {f'**{sc} · {rg}**' if i == 0 else ''} | {names.get(mode, mode)} | " + " | ".join(vals) + " |")
+    return "\n".join(lines + ["", README_END])
+
+
+def update_readme(path: Path, block: str) -> bool:
+    """Replace the study block between the README's markers; False (nothing written) if it has none."""
+    text = Path(path).read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    from .store import atomic_write_text
+
+    atomic_write_text(Path(path), head + block + rest.split(README_END, 1)[1])
+    return True
 
 
 def study_report(cells: list[dict], grid: StudyGrid, quick: bool, aliases: dict[str, str] | None = None,
