@@ -101,8 +101,12 @@ def test_slurm_dry_run_is_submitits_own_sbatch_script(tmp_path):
                  "#SBATCH --cpus-per-task=4", "#SBATCH --mem=16GB", "#SBATCH --time=30", "#SBATCH --job-name=grip-study",
                  "source .venv/bin/activate", "-m submitit.core._submit"):
         assert line in text, line
-    with pytest.raises(Exception, match="Slurm settings"):
-        slurm_executor(tmp_path, SlurmSettings(time_min=-5, mem_gb=-1, partition="gpu", gpus_per_task="x"))
+    from grip_core.moe.errors import ConfigError
+
+    for bad, flag in (({"time_min": 0}, "--slurm-time 0"), ({"mem_gb": -1}, "--slurm-mem-gb -1"),
+                      ({"array_parallelism": 0}, "--slurm-array-parallelism 0")):
+        with pytest.raises(ConfigError, match=flag):
+            SlurmSettings(**bad)
 
 
 def _cli(argv, cwd, timeout=300):

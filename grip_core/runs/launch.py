@@ -44,6 +44,15 @@ class SlurmSettings:
     setup: tuple[str, ...] = ()           # shell lines run before the task (module load, source venv, ...)
     job_name: str = "grip-study"          # --job-name
 
+    def __post_init__(self):
+        for name, low in (("gpus_per_task", 0), ("cpus_per_task", 1), ("mem_gb", 0), ("time_min", 1),
+                          ("array_parallelism", 1)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < low
+                                      or (name == "mem_gb" and value == 0)):
+                raise ConfigError(f"--slurm-{name.replace('_min', '').replace('_', '-')} {value!r}: give a number "
+                                  f"{'> 0' if name == 'mem_gb' else f'>= {low}'}")
+
     def executor_parameters(self) -> dict:
         """The submitit SlurmExecutor.update_parameters(...) keyword arguments (unset ones left out)."""
         p = {"job_name": self.job_name, "time": self.time_min, "array_parallelism": self.array_parallelism,

@@ -530,20 +530,29 @@ def migrate_legacy_cells(cells_dir: Path, made_by: str = "") -> dict[str, int]:
 def fill_base_ems(cells_dir: Path) -> int:
     """Measure the base model's forget / retain EM for cells saved without them (the verdict needs them).
 
-    They are the base model's numbers on the cell's own evaluation splits (Baseline.compute on its spec),
-    measured now, by this code: each filled cell records `base_em_source` saying so. Returns the count."""
-    n = 0
+    They are the base model's exact match on the cell's own final-probe splits (the forget set and the
+    seed's retain-eval slice, capped as the run caps them), measured now by run_probes as evaluate_final
+    measures them; each filled cell records `base_em_source` saying so. Returns the count."""
+    from ..metrics import run_probes
+    from .evaluate import _cap
+
+    n, measured = 0, {}
     for p in sorted(Path(cells_dir).glob("*--*.json")):
         c = json.loads(p.read_text())
         if p.name.startswith("lr__") or c.get("base_forget_em") is not None:
             continue
-        moe = _load_cached(c["spec"]["model"], c["spec"]["load"])
-        _, baseline = _setup(moe, c["spec"])
-        splits = baseline.probes["splits"]                  # as evaluate_final's headline reads them
-        c["base_forget_em"] = splits.get("forget", {}).get("exact_match")
-        c["base_retain_em"] = splits.get("retain", {}).get("exact_match")
-        c["base_em_source"] = (f"measured after the run by Baseline.compute on the cell's spec "
-                               f"(commit {manifest.git_state()['git_commit']}), not by the run that made the cell")
+        spec = c["spec"]
+        key = (spec["model"], spec["load"].get("dtype"), spec["scenario"], spec["seed"], spec["eval_examples"],
+               spec["final_eval_examples"])
+        if key not in measured:
+            moe = _load_cached(spec["model"], spec["load"])
+            data = UnlearningData.from_scenario(spec["scenario"], seed=spec["seed"], retain_eval_size=spec["eval_examples"])
+            splits = {k: _cap(v, spec["final_eval_examples"]) for k, v in data.splits().items() if k in ("forget", "retain")}
+            probes = run_probes(moe, splits, membership=None).to_dict()["splits"]
+            measured[key] = (probes["forget"]["exact_match"], probes["retain"]["exact_match"])
+        c["base_forget_em"], c["base_retain_em"] = measured[key]
+        c["base_em_source"] = (f"measured after the run on the cell's own final-probe splits (run_probes, commit "
+                               f"{manifest.git_state()['git_commit']}), not by the run that made the cell")
         c["verdict"] = verdict(c).kind
         atomic_write_json(p, c)
         n += 1
