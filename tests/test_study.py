@@ -17,7 +17,7 @@ from grip_core.runs.study import (FULL, StudyGrid, cell_id, cell_index, cell_spe
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = StudyGrid(("domain",), ("shortcut", "experts+routers"), ("ga",), ("off", "update"), (0,),
-                 eval_examples=4, final_eval_examples=6, max_steps=3, lr_ladder=(1e-4,), eval_every=1)
+                 eval_examples=4, final_eval_examples=6, max_steps=3, lr_ladder=(1e-4,), eval_every=3)
 TIMING = {"seconds", "run_dir", "step_ms", "grip_ms", "manifest"}
 
 
