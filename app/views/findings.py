@@ -56,7 +56,6 @@ def _body(folder: str) -> None:
             st.caption(f"`{regime}` trains exactly the parameters of `{aliases[regime]}` on this model: its rows "
                        f"are `{aliases[regime]}`'s (not run twice).")
             continue
-        left, right = st.columns(2)
         forget = pd.DataFrame([{"method": r["method"], "GRIP": r["grip"], "lr": f"{r['lr']:g}",
                                 **{name: mean_sd([c.get(k) for c in r["cells"]]) for k, name in S.FORGET_COLUMNS},
                                 "verdict": r["verdict_title"]} for r in group])
@@ -65,10 +64,10 @@ def _body(folder: str) -> None:
                                  "claim": "–" if r["claim_holds"] is None else ("holds" if r["claim_holds"] else "no")}
                                 for r in group])
         slug = f"{scenario}-{regime}".replace("+", "-")
-        with left:
-            ui.table(forget, key=f"fd_forget_{slug}", file_name=f"study-{slug}-forgetting")
-        with right:
-            ui.table(routing, key=f"fd_routing_{slug}", file_name=f"study-{slug}-routing")
+        height = 38 + 35 * len(group)                     # every row shown, no inner scrolling
+        ui.table(forget, key=f"fd_forget_{slug}", file_name=f"study-{slug}-forgetting", height=height,
+                 column_config={"verdict": st.column_config.TextColumn("verdict", width="medium")})
+        ui.table(routing, key=f"fd_routing_{slug}", file_name=f"study-{slug}-routing", height=height)
     report = S.study_report(cells, grid, quick=False, aliases=aliases, alias_check=study["alias_check"])
     st.download_button("Download the report (markdown)", data=report.encode(), file_name="findings.md",
                        mime="text/markdown", key="fd_md", icon=":material/download:", type="tertiary",

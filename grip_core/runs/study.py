@@ -480,12 +480,13 @@ LEGACY_SETTINGS = {"max_steps": 200, "eval_every": 10, "eval_examples": 64, "fin
                    "forget_target": FORGET_TARGET, "model": "demo", "load": {"dtype": "float32"}}
 
 
-def migrate_legacy_cells(cells_dir: Path, made_by: str = "") -> dict[str, int]:
+def migrate_legacy_cells(cells_dir: Path, made_by: dict | None = None) -> dict[str, int]:
     """Rename cells saved before content-hashed ids (`<scenario>__<regime>__<method>__<mode>__<seed>.json`,
     `..__lr.json`) to the id scheme, computing each id from what the cell stored plus LEGACY_SETTINGS (the
     FULL grid's settings and the CPU float32 demo of the code that made them, which the files do not
     record: each migrated cell says so). Cells of an aliased regime become `alias__...` files (kept only
-    for the identity check). Nothing is re-run. Returns {"cells", "lr", "alias"} counts."""
+    for the identity check). Nothing is re-run. `made_by`: the manifest of the code and machine that made
+    the cells, where it is known (else the cell's manifest says it is not). Returns {"cells", "lr", "alias"}."""
     cells_dir = Path(cells_dir)
     moe = _load_cached("demo", {"dtype": "float32"})
     aliases = regime_aliases(moe, FULL.regimes)
@@ -519,7 +520,8 @@ def migrate_legacy_cells(cells_dir: Path, made_by: str = "") -> dict[str, int]:
         key = cell_key(spec)
         cid = _sha(key)[:16]
         cell = {"id": cid, "name": cell_name(spec), **old, "spec": spec, "key": key,
-                "manifest": old.get("manifest") or {"git_commit": None, "note": made_by or note},
+                "manifest": ({**made_by, "wall_seconds": old.get("seconds")} if made_by else
+                             {"git_commit": None, "note": "not recorded: " + note}),
                 "migrated": {"from": p.name, "note": note}}
         atomic_write_json(cells_dir / f"{cell['name']}--{cid}.json", cell)
         p.unlink()

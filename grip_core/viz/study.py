@@ -29,7 +29,9 @@ def _modes(rows: list[dict]) -> list[str]:
 
 
 def _bars(rows: list[dict], key: str, title: str, subtitle: str, y_title: str, y_range=None,
-          missing_note: str | None = None) -> go.Figure:
+          missing_at: float | None = None, missing_note: str = "") -> go.Figure:
+    """Grouped bars (method on x, GRIP mode as colour), one panel per scenario x regime. With `missing_at`,
+    a row without the number is a hatched bar of that height (hover: `missing_note`), else a gap."""
     panels = _panels(rows)
     fig = make_subplots(rows=1, cols=max(len(panels), 1), shared_yaxes=True, horizontal_spacing=0.03,
                         subplot_titles=[f"{s} · {g}" for s, g in panels])
@@ -40,13 +42,16 @@ def _bars(rows: list[dict], key: str, title: str, subtitle: str, y_title: str, y
             by = {r["method"]: r for r in sub if r["grip"] == mode}
             y = [by[m]["mean"].get(key) if m in by else None for m in methods]
             sd = [by[m]["sd"].get(key) if m in by else None for m in methods]
-            fig.add_bar(x=methods, y=y, name=MODE_NAMES.get(mode, mode), marker_color=MODE_COLORS.get(mode, BASE),
+            gap = [v is None and m in by and missing_at is not None for m, v in zip(methods, y)]
+            name = MODE_NAMES.get(mode, mode)
+            fig.add_bar(x=methods, y=[missing_at if g else v for v, g in zip(y, gap)], name=name,
+                        marker=dict(color=MODE_COLORS.get(mode, BASE), pattern_shape=["/" if g else "" for g in gap],
+                                    opacity=[0.35 if g else 1.0 for g in gap]),
                         legendgroup=mode, showlegend=col == 1, offsetgroup=mode,
                         error_y=dict(type="data", array=[s or 0 for s in sd], visible=True, thickness=1.2),
-                        text=[missing_note if v is None and m in by and missing_note else "" for m, v in zip(methods, y)],
-                        textposition="outside",
-                        hovertemplate=f"{sc} · {rg}<br>%{{x}} · {MODE_NAMES.get(mode, mode)}<br>{y_title} %{{y:.3f}}"
-                                      "<extra></extra>")
+                        customdata=[missing_note if g else f"{v:.3f}" if v is not None else "n/a" for v, g in zip(y, gap)],
+                        hovertemplate=f"{sc} · {rg}<br>%{{x}} · {name}<br>{y_title} %{{customdata}}<extra></extra>",
+                        row=1, col=col)
     fig.update_layout(barmode="group")
     fig.update_yaxes(title_text=y_title, row=1, col=1)
     if y_range:
@@ -64,10 +69,10 @@ def restoration_figure(rows: list[dict]) -> go.Figure:
 
 def steps_figure(rows: list[dict], max_steps: int | None = None) -> go.Figure:
     """Steps until forget EM fell below the target, per method x GRIP mode (missing: never within max_steps)."""
-    note = "not reached" + (f" in {max_steps}" if max_steps else "")
     return _bars(rows, "steps_to_forget", "Steps to forget",
-                 "optimizer steps until forget EM fell below the target (mean over the seeds that got there)",
-                 "steps", missing_note=note)
+                 "optimizer steps until forget EM fell below the target (mean over the seeds that got there)"
+                 + (f"; hatched: no seed got there in {max_steps} steps" if max_steps else ""),
+                 "steps", missing_at=max_steps, missing_note=f"not reached in {max_steps} steps")
 
 
 def stability_forget_figure(rows: list[dict], forget_target: float | None = None) -> go.Figure:
