@@ -335,10 +335,14 @@ class StudyPlan:
         return out
 
 
-def plan_study(grid: StudyGrid, out_dir: Path, model: str = "demo", load: dict | None = None) -> StudyPlan:
-    moe = _load_cached(model, load)
-    load = {**(load or {}), "dtype": _dtype_name(moe)}
-    aliases = regime_aliases(moe, grid.regimes)
+def plan_study(grid: StudyGrid, out_dir: Path, model: str = "demo", load: dict | None = None,
+               aliases: dict[str, str] | None = None) -> StudyPlan:
+    """The grid against a study folder. Without `aliases` the model is loaded (to resolve its dtype and
+    find the aliased regimes); with them (from a study's manifest), `load` must hold the resolved dtype."""
+    if aliases is None:
+        moe = _load_cached(model, load)
+        load = {**(load or {}), "dtype": _dtype_name(moe)}
+        aliases = regime_aliases(moe, grid.regimes)
     groups = [cell_spec(grid, sc, rg, m, "off", grid.seeds[0], None, model, load)
               for sc in grid.scenarios for rg in grid.regimes if rg not in aliases for m in grid.methods]
     return StudyPlan(grid, out_dir, model, load, aliases, groups, _known_lrs(out_dir, groups, grid))
@@ -443,10 +447,7 @@ def read_study(out_dir: Path, grid: StudyGrid | None = None, model: str = "demo"
         grid = StudyGrid(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["grid"].items()})
     grid = grid or FULL
     if "aliases" in saved and "load" in saved:
-        model, load, aliases = saved.get("model", model), saved["load"], saved["aliases"]
-        groups = [cell_spec(grid, sc, rg, m, "off", grid.seeds[0], None, model, load)
-                  for sc in grid.scenarios for rg in grid.regimes if rg not in aliases for m in grid.methods]
-        plan = StudyPlan(grid, out_dir, model, load, aliases, groups, _known_lrs(out_dir, groups, grid))
+        plan = plan_study(grid, out_dir, saved.get("model", model), saved["load"], saved["aliases"])
     else:
         plan = plan_study(grid, out_dir, model, load)
     cells = _present(plan)
