@@ -764,6 +764,11 @@ def study_report(cells: list[dict], grid: StudyGrid, quick: bool, aliases: dict[
              "Stability is measured on retained questions held out of training and of GRIP's fit. Figures: the "
              "dashboard's Findings page.", "",
              "Cells made on: " + "; ".join(machines(cells) or ["no cells yet"]) + ".", ""]
+    migrated = sum(1 for c in cells if c.get("migrated") and not c.get("same_as"))
+    if migrated:
+        lines += [f"{migrated} cells were made before cell ids and renamed to them without re-running: their files "
+                  "did not record the evaluation sizes, step limit, model or dtype, so their specs state those of the "
+                  "code that made them (`migrated` in the cell).", ""]
     filled = sum(1 for c in cells if c.get("base_em_source") and not c.get("same_as"))
     if filled:
         lines += [f"{filled} cells were saved without the base model's exact match; their base EMs (which the "
