@@ -411,9 +411,10 @@ def cmd_study(args) -> int:
     path = Path(args.report) if args.report else out_dir / "findings.md"
     atomic_write_text(path, report)
     print(f"wrote {path}")
-    if args.write_committed_report and not args.quick:    # the README states the same summary, from the same cells
-        from .._paths import REPO_ROOT
-        from .study import read_study, readme_block, update_readme
+    from .study import COMMITTED_DIR, read_study, readme_block, update_readme
+
+    if out_dir.resolve() == (COMMITTED_DIR / "study").resolve() and not args.quick:
+        from .._paths import REPO_ROOT                     # the README states the same summary, from the same cells
 
         study = read_study(out_dir)
         if update_readme(REPO_ROOT / "README.md", readme_block(study["cells"], study["grid"])):
