@@ -455,16 +455,17 @@ def read_study(out_dir: Path, grid: StudyGrid | None = None, model: str = "demo"
             "alias_check": _alias_check(out_dir / "cells", cells, plan.aliases), "manifest": saved}
 
 
-def _alias_check(cells_dir: Path, cells: list[dict], aliases: dict[str, str]) -> dict[str, tuple[int, int]]:
-    """{alias: (identical, compared)}: cells of an aliased regime that were RUN (before aliasing) vs its source's."""
+def _alias_check(cells_dir: Path, cells: list[dict], aliases: dict[str, str]) -> dict[tuple, tuple[int, int]]:
+    """{(scenario, alias): (identical, compared)}: cells of an aliased regime that were RUN (before aliasing,
+    kept as cells/alias__*.json) vs its source regime's."""
     timing = {"seconds", "regime", "run_dir", "step_ms", "grip_ms", "id", "name", "spec", "key", "manifest", "migrated"}
     source = {(c["scenario"], c["regime"], c["method"], c["grip"], c["seed"]): c for c in cells}
-    out: dict[str, list[int]] = {}
+    out: dict[tuple, list[int]] = {}
     for p in sorted(Path(cells_dir).glob("alias__*.json")):
         c = json.loads(p.read_text())
         ref = source.get((c["scenario"], aliases.get(c["regime"]), c["method"], c["grip"], c["seed"]))
         if ref is not None:
-            n = out.setdefault(c["regime"], [0, 0])
+            n = out.setdefault((c["scenario"], c["regime"]), [0, 0])
             n[0] += all(c.get(k) == ref.get(k) for k in c if k not in timing)
             n[1] += 1
     return {k: (v[0], v[1]) for k, v in out.items()}
@@ -749,7 +750,7 @@ def update_readme(path: Path, block: str) -> bool:
 
 
 def study_report(cells: list[dict], grid: StudyGrid, quick: bool, aliases: dict[str, str] | None = None,
-                 alias_check: dict[str, tuple[int, int]] | None = None) -> str:
+                 alias_check: dict[tuple, tuple[int, int]] | None = None) -> str:
     """Markdown: coverage and machines, the summary, then two narrow tables per (scenario, regime), aliased last."""
     aliases = aliases or {}
     lines = [f"# GRIP Studio study{' (quick)' if quick else ''}", "",
@@ -779,8 +780,9 @@ def study_report(cells: list[dict], grid: StudyGrid, quick: bool, aliases: dict[
         lines += [f"## {scenario} scenario · {regime} regime", ""]
         if regime in aliases:
             src = aliases[regime]
-            check = (" Checked: {} of {} `{}` runs made before this rule gave numbers identical to `{}`'s."
-                     .format(*alias_check[regime], regime, src) if regime in (alias_check or {}) else "")
+            done = (alias_check or {}).get((scenario, regime))
+            check = (f" Checked: {done[0]} of {done[1]} `{regime}` runs made before this rule gave numbers identical "
+                     f"to `{src}`'s." if done else "")
             lines += [f"On this model `{regime}` trains exactly the parameters of `{src}`, at the same relative "
                       f"learning rates (no shared experts), so its runs would repeat `{src}`'s to the last digit: see "
                       f"\"{scenario} scenario · {src} regime\" above (not run twice).{check}", ""]
