@@ -693,7 +693,7 @@ def study_summary(cells: list[dict], grid: StudyGrid) -> list[str]:
                         reasons[reason] = reasons.get(reason, 0) + 1
         out.append(f"The paper's claim (verdict ERASED and retained stability ≥ {CLAIM_STABILITY}) holds in "
                    f"{len(holds)} of {len(grip)} GRIP rows"
-                   + (f" ({', '.join(sorted({r['grip'] + ' ' + r['scenario'] + '/' + r['regime'] for r in holds}))})"
+                   + (f" ({', '.join(r['method'] + ' ' + r['grip'] + ' in ' + r['scenario'] + '/' + r['regime'] for r in holds)})"
                       if holds else "")
                    + ("; where it does not: " + ", ".join(f"{k} ({v})" for k, v in
                                                          sorted(reasons.items(), key=lambda kv: -kv[1])) if reasons else "")
