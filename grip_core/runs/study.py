@@ -678,13 +678,19 @@ def study_summary(cells: list[dict], grid: StudyGrid) -> list[str]:
                    + (f", all in {', '.join(where)}" if where else "") + ".")
     grip = [r for r in rows if r["grip"] != "off"]
     if grip:
-        recs = [r["mean"]["restoration_recovered"] for r in grip if r["mean"]["restoration_recovered"] is not None]
+        forgot = [r for r in grip if r["verdict"] not in ("not forgotten", "cannot diagnose")]
+        recs = [r["mean"]["restoration_recovered"] for r in forgot if r["mean"]["restoration_recovered"] is not None]
+        other = [r["mean"]["restoration_recovered"] for r in grip if r not in forgot
+                 and r["mean"]["restoration_recovered"] is not None]
         stabs = [r["mean"]["retain_stability"] for r in grip if r["mean"]["retain_stability"] is not None]
         holds = [r for r in grip if r["claim_holds"]]
         out.append(f"With GRIP, restoring the original routers recovers at most {pct(max(recs) if recs else None)} of the "
-                   f"forgotten answers in any GRIP row "
-                   f"(vanilla shortcut rows: up to {pct(max((r['mean']['restoration_recovered'] or 0) for r in rerouted)) if rerouted else 'n/a'}); "
-                   f"retained stability {_f3(min(stabs) if stabs else None)}–{_f3(max(stabs) if stabs else None)}.")
+                   f"forgotten answers in the {len(forgot)} GRIP rows that forgot (vanilla rows that rerouted: "
+                   + (f"{pct(min(r['mean']['restoration_recovered'] for r in rerouted))}–"
+                      f"{pct(max(r['mean']['restoration_recovered'] for r in rerouted))}" if rerouted else "none")
+                   + (f"; up to {pct(max(other))} in the {len(other)} GRIP rows that did not forget, of the few answers "
+                      "they lost" if other else "")
+                   + f"); retained stability {_f3(min(stabs) if stabs else None)}–{_f3(max(stabs) if stabs else None)}.")
         reasons: dict[str, int] = {}
         for r in grip:
             if not r["claim_holds"]:
