@@ -114,15 +114,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128, help="tokens kept per text")
     _add_load_args(p)
 
-    p = sub.add_parser("study", help="the grid study (resumable), writing a markdown report")
+    p = sub.add_parser("study", help="the grid study (resumable, one task per cell), writing a markdown report")
     p.add_argument("--quick", action="store_true", help="one seed, fewer cells (<= 10 min on 2 cores)")
-    p.add_argument("--out-dir", default="docs/study", help="cell results + report go here")
+    p.add_argument("--out-dir", default=None,
+                   help="cells + report go here (default runs/study, runs/study-quick with --quick)")
+    p.add_argument("--write-committed-report", action="store_true",
+                   help="allow an --out-dir under docs/ (the committed study, docs/study)")
     p.add_argument("--report", default=None, help="markdown report path (default OUT_DIR/findings.md)")
     p.add_argument("--seeds", default=None, help="comma list of seeds (overrides the grid's)")
-    p.add_argument("--workers", type=int, default=0, help="parallel processes, one torch thread each (0: one per core)")
+    p.add_argument("--scenarios", default=None, help="comma list (overrides the grid's)")
+    p.add_argument("--regimes", default=None, help="comma list of presets (overrides the grid's)")
+    p.add_argument("--methods", default=None, help="comma list (overrides the grid's)")
+    p.add_argument("--grip-modes", default=None, help="comma list (overrides the grid's)")
+    p.add_argument("--steps", type=int, default=None, help="max steps per run (overrides the grid's 200)")
+    p.add_argument("--eval-examples", type=int, default=None, help="per-step probe examples (grid: 64)")
+    p.add_argument("--final-eval-examples", type=int, default=None, help="final probe examples (grid: 200)")
+    p.add_argument("--launcher", default="pool", choices=["pool", "local", "slurm"],
+                   help="pool: this machine's processes; local: submitit's local executor; slurm: submitit job arrays")
+    p.add_argument("--workers", type=int, default=0,
+                   help="pool / local: cells at once, one torch thread each (0: one per core)")
+    p.add_argument("--submitit-folder", default=None, help="submitit logs and pickles (default OUT_DIR/submitit; "
+                   "on a cluster: a shared file system)")
+    p.add_argument("--dry-run", action="store_true", help="--launcher slurm: print the sbatch script, submit nothing")
+    g = p.add_argument_group("Slurm (--launcher slurm)")
+    g.add_argument("--slurm-partition", default=None)
+    g.add_argument("--slurm-gpus-per-task", type=int, default=None)
+    g.add_argument("--slurm-cpus-per-task", type=int, default=None)
+    g.add_argument("--slurm-mem-gb", type=float, default=None)
+    g.add_argument("--slurm-time", type=int, default=None, help="minutes per task (default 60)")
+    g.add_argument("--slurm-array-parallelism", type=int, default=None, help="tasks running at once (default 64)")
+    g.add_argument("--slurm-account", default=None)
+    g.add_argument("--slurm-qos", default=None)
+    g.add_argument("--slurm-constraint", default=None)
+    g.add_argument("--slurm-setup", action="append", default=None,
+                   help="a shell line run before each task (repeatable), e.g. 'source .venv/bin/activate'")
     p.add_argument("--model", default="demo")
     _add_load_args(p)
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from saved cells")
+
+    p = sub.add_parser("reproduce", help="re-run a study cell, a run folder or a study folder and diff the numbers")
+    p.add_argument("path", help="a cell (cells/<name>--<id>.json), a run folder (config.json) or a study folder")
+    p.add_argument("--tolerance", type=float, default=0.0, help="numbers closer than this count as equal")
     return parser
 
 

@@ -380,21 +380,44 @@ def test_embeddings_before_and_after_share_axes(finished_runs):
 
 
 def test_findings_page(studio, tmp_path, monkeypatch):
-    monkeypatch.setenv("GRIP_STUDIO_FINDINGS", str(tmp_path / "missing.md"))
+    """The Findings page on a study folder that is still filling (real committed cells, a subset): coverage,
+    the three figures, narrow one-line tables; a cell that lands shows up on the next refresh."""
+    import shutil
+
     from grip_core.moe.load import REPO_ROOT
 
+    src = REPO_ROOT / "docs" / "study"
+    (tmp_path / "cells").mkdir()
+    shutil.copy(src / "manifest.json", tmp_path)
+    cells = sorted((src / "cells").glob("domain__shortcut__*--*.json"))
+    for p in cells[:-1] + sorted((src / "cells").glob("lr__*.json")):
+        shutil.copy(p, tmp_path / "cells")
+    monkeypatch.setenv("GRIP_STUDIO_STUDY", str(tmp_path))
     at = app("findings")
     assert_clean(at)
-    if not any((REPO_ROOT / p).is_file() for p in ("docs/findings.md", "docs/study/findings.md")):
-        assert any("not there yet" in i.value for i in at.info)
-    from PIL import Image
-
-    Image.new("RGB", (8, 8), "white").save(tmp_path / "fig.png")
-    (tmp_path / "findings.md").write_text("# Study\n\nSome text.\n\n![stability](fig.png)\n\nAfter.\n")
-    monkeypatch.setenv("GRIP_STUDIO_FINDINGS", str(tmp_path / "findings.md"))
-    at = app("findings")
+    n = len(cells) - 1
+    aliased = n                                           # experts+routers: shortcut's cells under a second name
+    (bar,) = at.get("progress")
+    assert f"{n + aliased} of 270 cells" in bar.proto.text
+    for title in ("Restoring the original routers", "Retained stability vs forgetting", "Steps to forget"):
+        figure(at, title)
+    stab = figure(at, "Retained stability")
+    assert any(s.get("y0") == 0.95 or s.get("y1") == 0.95 for s in stab["layout"].get("shapes", []))
+    assert any("Coverage:" in m.value for m in at.markdown)
+    tables = [t.value for t in at.dataframe]
+    assert len(tables) == 2 and all(len(t.columns) <= 9 for t in tables)
+    assert all(" " not in v for v in tables[0]["forget EM"])          # "0.048±0.033": one line, no wrapping
+    shutil.copy(cells[-1], tmp_path / "cells")                         # a cell lands
+    at.button(key="fd_refresh").click().run()
+    assert f"{n + 1 + aliased + 1} of 270 cells" in at.get("progress")[0].proto.text
+    empty = tmp_path / "empty"
+    (empty / "cells").mkdir(parents=True)
+    shutil.copy(src / "manifest.json", empty)
+    at.text_input(key="fd_folder").set_value(str(empty)).run()
     assert_clean(at)
-    assert any("Some text." in m.value for m in at.markdown) and len(at.image) == 1
+    assert any("No cells" in i.value for i in at.info)
+    at.text_input(key="fd_folder").set_value(str(tmp_path / "nowhere")).run()
+    assert any("not a study folder" in e.value for e in at.error)
 
 
 def test_diagnose_page_reports_a_verdict(studio, tmp_path):

@@ -154,7 +154,7 @@ def test_every_caller_uses_the_same_verdict():
         assert want.sentence in viz.compare_sentence({"r": (summary, None)})
         cell = {**h, "scenario": "domain", "regime": "full", "method": "ga", "grip": "update", "seed": 0, "lr": 1e-3}
         report = study_report([cell], QUICK, quick=True)
-        assert f"verdict {want.title};" in report
+        assert f"| {want.title} |" in report
 
 
 def test_study_claim_and_shortcut_follow_the_verdict():
@@ -162,14 +162,14 @@ def test_study_claim_and_shortcut_follow_the_verdict():
 
     base = {"scenario": "domain", "regime": "full", "method": "ga", "seed": 0, "lr": 1e-3}
     grip = {**base, **ERASED, "grip": "update"}
-    assert "claim HOLDS" in study_report([grip], QUICK, quick=True)
+    assert "| HOLDS |" in study_report([grip], QUICK, quick=True)
     low = study_report([{**grip, "retain_stability": 0.9}], QUICK, quick=True)
-    assert "does NOT hold" in low and "stability below 0.95" in low
+    assert "| no (stability below 0.95) |" in low and "holds in 0 of 1 GRIP rows" in low
     partial = study_report([{**grip, "forget_em": 0.141}], QUICK, quick=True)
     assert "PARTIALLY ERASED" in partial and "forget EM not below 0.1" in partial
     vanilla = {**base, **ERASED, "grip": "off", "forget_em": 0.05, "restoration_recovered": 0.9}
-    assert "**Shortcut**" in study_report([vanilla], QUICK, quick=True)
-    assert "**Shortcut**" not in study_report([{**vanilla, "restoration_recovered": 0.3}], QUICK, quick=True)
+    assert "1 of 1 vanilla (method, scenario, regime) rows are REROUTED" in study_report([vanilla], QUICK, quick=True)
+    assert "0 of 1 vanilla" in study_report([{**vanilla, "restoration_recovered": 0.3}], QUICK, quick=True)
 
 
 def test_compare_sentence_is_the_verdicts_with_their_trade_off():

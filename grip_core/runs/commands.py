@@ -51,7 +51,7 @@ def check_outputs(args) -> None:
     elif out:
         check_output_path(out, "--out")
     if args.command == "study":
-        out_dir = Path(args.out_dir)
+        out_dir = _study_out_dir(args)
         if out_dir.exists() and not out_dir.is_dir():
             raise OutputPathError(f"--out-dir {out_dir}: exists and is not a directory")
         check_output_path(out_dir / "findings.md", "--out-dir")
@@ -370,14 +370,58 @@ def _parse_seeds(value: str | None) -> list[int] | None:
     return seeds
 
 
+def _study_out_dir(args) -> Path:
+    return Path(args.out_dir) if args.out_dir else DEFAULT_RUNS_DIR / ("study-quick" if args.quick else "study")
+
+
 def cmd_study(args) -> int:
-    from .study import run_study
+    from .launch import LaunchConfig, slurm_settings_from
+    from .study import FULL, QUICK, check_out_dir, run_study
 
     seeds = _parse_seeds(args.seeds)
+    out_dir = _study_out_dir(args)
+    check_out_dir(out_dir, args.write_committed_report)
     _check_model_source(args.model)          # before --out-dir is created
-    report = run_study(quick=args.quick, out_dir=Path(args.out_dir), model=args.model, workers=args.workers,
-                       load=load_kwargs(args), report_only=args.report_only, seeds=seeds)
-    path = Path(args.report) if args.report else Path(args.out_dir) / "findings.md"
+    grid = QUICK if args.quick else FULL
+    lists = {f: tuple(_split_list(getattr(args, f), "--" + f.replace("_", "-")))
+             for f in ("scenarios", "regimes", "methods", "grip_modes") if getattr(args, f)}
+    sizes = {k: v for k, v in (("max_steps", args.steps), ("eval_examples", args.eval_examples),
+                                ("final_eval_examples", args.final_eval_examples)) if v is not None}
+    for k, v in sizes.items():
+        if v < 1:
+            raise ConfigError(f"--{'steps' if k == 'max_steps' else k.replace('_', '-')} must be >= 1, got {v}")
+    grid = dataclasses.replace(grid, **lists, **sizes)
+    slurm = slurm_settings_from(partition=args.slurm_partition, gpus_per_task=args.slurm_gpus_per_task,
+                                cpus_per_task=args.slurm_cpus_per_task, mem_gb=args.slurm_mem_gb,
+                                time_min=args.slurm_time, array_parallelism=args.slurm_array_parallelism,
+                                account=args.slurm_account, qos=args.slurm_qos, constraint=args.slurm_constraint,
+                                setup=tuple(args.slurm_setup) if args.slurm_setup else None)
+    launch = LaunchConfig(launcher=args.launcher, workers=args.workers if args.workers > 0 else (os.cpu_count() or 1),
+                          folder=Path(args.submitit_folder) if args.submitit_folder else None, slurm=slurm,
+                          dry_run=args.dry_run)
+    report = run_study(quick=args.quick, out_dir=out_dir, model=args.model, load=load_kwargs(args),
+                       report_only=args.report_only, seeds=seeds, grid=grid, launch=launch,
+                       write_committed=args.write_committed_report)
+    if report is None:                        # a dry run: nothing ran, no report
+        return 0
+    path = Path(args.report) if args.report else out_dir / "findings.md"
     atomic_write_text(path, report)
     print(f"wrote {path}")
+    from .study import COMMITTED_DIR, read_study, readme_block, update_readme
+
+    if out_dir.resolve() == (COMMITTED_DIR / "study").resolve() and not args.quick:
+        from .._paths import REPO_ROOT                     # the README states the same summary, from the same cells
+
+        study = read_study(out_dir)
+        if update_readme(REPO_ROOT / "README.md", readme_block(study["cells"], study["grid"])):
+            print(f"updated the study block of {REPO_ROOT / 'README.md'}")
     return 0
+
+
+def cmd_reproduce(args) -> int:
+    from .reproduce import format_diff, reproduce
+
+    results = reproduce(Path(args.path), tolerance=args.tolerance)
+    for name, d in results:
+        print(format_diff(name, d))
+    return 0 if all(not d for _, d in results) else 1

@@ -31,6 +31,7 @@ import torch
 from .._paths import DEFAULT_RUNS_DIR  # <repo>/runs in a checkout, ./runs when pip-installed
 from ..moe.errors import RunStoreError
 from .report import GripRanks, RunReport, parse
+from .manifest import write_manifest
 
 
 _UMASK_LOCK = threading.Lock()
@@ -104,6 +105,7 @@ class RunWriter:
 
     def set_status(self, status: str, **extra) -> None:
         atomic_write_json(self.dir / "status.json", {"status": status, "time": time.time(), **extra})
+        write_manifest(self.dir, status)        # manifest.json: code, versions, machine, wall time (runs/manifest.py)
 
     def log_step(self, row: dict) -> None:
         self._metrics.write(json.dumps(row, default=_json_default) + "\n")
