@@ -1,0 +1,80 @@
+"""The robustness matrix across runs: method x GRIP mode rows, attack columns.
+
+`measure_matrix` unlearns each (method, mode) cell with the study's stopping rule (forget EM below
+grip_core.runs.verdict.FORGET_TARGET, checked every `eval_every` steps, at most `max_steps`), then
+runs every attack (`robustness`) and the update ledger on it. `matrix_cells(run_dirs)` reads the
+same cells back from saved runs that carry a robustness.json (the dashboard's source).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from ..moe import MoEModel
+from .base import AttackConfig
+from .ledger import ledger_summary, load_ledger, update_ledger
+from .robustness import load_robustness, robustness
+
+
+def cell_label(method: str, mode: str) -> str:
+    """The matrix row label of a (method, GRIP mode) cell: "graddiff · vanilla", "graddiff · GRIP update"."""
+    return f"{method} · {'vanilla' if mode in ('off', 'vanilla') else 'GRIP ' + mode}"
+
+
+def measure_matrix(moe: MoEModel, data, methods: list[str], modes: list[str], *, preset: str = "shortcut",
+                   seed: int = 0, lr: float | None = None, max_steps: int = 200, eval_every: int = 10,
+                   attacks: list[str] | None = None, attack_config: AttackConfig | None = None,
+                   final_eval_examples: int = 120, log=print) -> list[dict]:
+    """One cell per (method, mode): its unlearning headline, robustness rows and ledger summary."""
+    from ..runs import Baseline, run_unlearning
+    from ..runs.compare import make_config
+    from ..runs.verdict import FORGET_TARGET
+
+    cells, baseline = [], None
+    for method in methods:
+        for mode in modes:
+            config = make_config(method, mode, preset, seed, max_steps, scenario=data.name, eval_every=eval_every,
+                                 stop_at_forget_em=FORGET_TARGET, final_eval_examples=final_eval_examples)
+            if lr is not None:
+                config.scope = dataclasses.replace(config.scope, lr=lr)
+            baseline = baseline or Baseline.compute(moe, data, config)
+            t0 = time.perf_counter()
+            result = run_unlearning(moe, config, data, baseline=baseline, save=False)
+            h = result.summary.get("headline", {})
+            log(f"{cell_label(method, mode)}: {result.steps_done} steps, forget EM {h.get('forget_em')}, "
+                f"{time.perf_counter() - t0:.0f} s")
+            t0 = time.perf_counter()
+            rows = robustness(moe, result.unlearned, None, data.forget, related=data.holdout, attacks=attacks,
+                              config=attack_config, progress=lambda n: log(f"  {n}"))
+            ledger = update_ledger(moe, result.unlearned)
+            log(f"  attacks + ledger: {time.perf_counter() - t0:.0f} s")
+            cells.append({"method": method, "grip": mode, "label": cell_label(method, mode), "preset": preset,
+                          "seed": seed, "lr": config.scope.lr, "steps": result.steps_done,
+                          "forget_em": h.get("forget_em"), "retain_em": h.get("retain_em"),
+                          "base_forget_em": h.get("base_forget_em"), "retain_stability": h.get("retain_stability"),
+                          "robustness": rows, "ledger": ledger_summary(ledger), "ledger_rows": ledger})
+    return cells
+
+
+def matrix_cells(run_dirs) -> list[dict]:
+    """Cells ({"label", "method", "grip", "robustness", "ledger"}) of the saved runs that have a robustness.json."""
+    import json
+
+    cells = []
+    for d in run_dirs:
+        d = Path(d)
+        rows = load_robustness(d)
+        if rows is None:
+            continue
+        try:
+            config = json.loads((d / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            config = {}
+        method = str(config.get("method", "?"))
+        mode = str((config.get("grip") or {}).get("mode", "?"))
+        ledger = load_ledger(d)
+        cells.append({"label": config.get("label") or cell_label(method, mode), "method": method, "grip": mode,
+                      "robustness": rows, "ledger": None if ledger is None else ledger_summary(ledger),
+                      "ledger_rows": ledger})
+    return cells
