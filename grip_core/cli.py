@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="demo")
     _add_load_args(p)
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from saved cells")
+
+    from .attacks.cli import add_attack_parser
+    add_attack_parser(sub, _add_load_args)
     return parser
 
 
@@ -154,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         from .runs import commands
 
         commands.check_outputs(args)
+        if args.command == "attack":
+            from .attacks.cli import cmd_attack
+            return cmd_attack(args) or 0
         return getattr(commands, f"cmd_{args.command}")(args) or 0
     except KeyboardInterrupt:
         _close_progress_bars()

@@ -222,3 +222,6 @@ if report:
         st.json(report, expanded=False)
         st.download_button("Download JSON", data=json.dumps(report, indent=2, default=str).encode(), file_name="diagnosis.json",
                            key="dg_json", type="tertiary", on_click="ignore")
+
+from app.views._robustness import render_robustness  # noqa: E402
+render_robustness([st.session_state.get("dg_unlearned")], key="dg")
