@@ -25,7 +25,7 @@ Footguns:
 - Tied weights (lm_head = embed_tokens) are one tensor: counted once.
 - Hub-layout checkpoints (per-expert keys) are not read here: load them with load_model and
   use `update_ledger`, or diagnose them in place first.
-- An unchanged model has no update: every share is 0 (not 1/groups), and the total is 0.
+- Only groups the update touched get a row (‖Δ‖ > 0); an unchanged model gives no rows.
 """
 from __future__ import annotations
 
@@ -99,8 +99,8 @@ class _Ledger:
     def rows(self) -> list[dict]:
         total = sum(self.sq.values())
         order = lambda k: (GROUPS.index(k[0]), -1 if k[1] is None else k[1], -1 if k[2] is None else k[2])
-        return [{"group": g, "layer": l, "expert": e, "norm": v ** 0.5, "share": v / total if total > 0 else 0.0}
-                for (g, l, e), v in sorted(self.sq.items(), key=lambda kv: order(kv[0]))]
+        return [{"group": g, "layer": l, "expert": e, "norm": v ** 0.5, "share": v / total}
+                for (g, l, e), v in sorted(self.sq.items(), key=lambda kv: order(kv[0])) if v > 0]
 
 
 def _unique_float_tensors(model) -> dict[str, torch.Tensor]:
@@ -122,7 +122,7 @@ def _unique_float_tensors(model) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def update_ledger(base: MoEModel, unlearned: MoEModel) -> list[dict]:
-    """Ledger rows of `unlearned` - `base` (two models of the same architecture in memory)."""
+    """Ledger rows of `unlearned` - `base` (two models of the same architecture in memory); untouched groups have none."""
     ledger = _Ledger(base)
     new = _unique_float_tensors(unlearned.model)
     for key, old in _unique_float_tensors(base.model).items():
