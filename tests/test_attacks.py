@@ -213,3 +213,10 @@ def test_attack_cli_writes_rows_and_the_dashboard_draws_them(rerouted, monkeypat
     z = heat[0]["data"][0]["z"]
     assert z[0][0] == pytest.approx(rows[0]["recovered"])
     assert any("Where did the update land" in (f["layout"].get("title", {}).get("text") or "") for f in figs)
+
+    at.switch_page("views/diagnose.py")
+    at.session_state["dg_unlearned"] = str(run_dir / "model")       # what picking the run in the form sets
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    titles = [json.loads(el.proto.spec)["layout"].get("title", {}).get("text") or "" for el in at.get("plotly_chart")]
+    assert any("Did it really forget" in t for t in titles), titles
