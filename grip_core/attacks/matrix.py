@@ -78,3 +78,40 @@ def matrix_cells(run_dirs) -> list[dict]:
                       "robustness": rows, "ledger": None if ledger is None else ledger_summary(ledger),
                       "ledger_rows": ledger})
     return cells
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m grip_core.attacks.matrix --modes off,update --out FILE.json`: the matrix on the demo."""
+    import argparse
+    import dataclasses as dc
+    import json
+
+    import torch
+
+    from ..moe import load_model
+    from ..runs import UnlearningData
+
+    p = argparse.ArgumentParser(prog="python -m grip_core.attacks.matrix", description=measure_matrix.__doc__)
+    p.add_argument("--methods", default="graddiff")
+    p.add_argument("--modes", default="off,update")
+    p.add_argument("--preset", default="shortcut")
+    p.add_argument("--scenario", default="domain", choices=["domain", "entities"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-4, help="the study's calibrated rate for GradDiff / shortcut / domain")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    data = UnlearningData.from_scenario(args.scenario, seed=args.seed)
+    config = AttackConfig(seed=args.seed)
+    cells = measure_matrix(load_model("demo"), data, args.methods.split(","), args.modes.split(","),
+                           preset=args.preset, seed=args.seed, lr=args.lr, attack_config=config,
+                           log=lambda m: print(f"[{time.perf_counter() - t0:6.0f} s] {m}", flush=True))
+    Path(args.out).write_text(json.dumps({"scenario": args.scenario, "preset": args.preset, "seed": args.seed,
+                                          "lr": args.lr, "attack_config": dc.asdict(config), "cells": cells},
+                                         indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
