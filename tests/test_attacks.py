@@ -85,12 +85,14 @@ def test_restoration_and_forcing_on_vanilla_vs_grip(demo, data, vanilla, grip):
     assert v["restoration"]["recovered"] > 0.8
     assert _gain(v["restoration"]) > _gain(g["restoration"]) + 0.2
     assert g["restoration"]["routing_shift"] < 0.05 < v["restoration"]["routing_shift"]
-    # expert forcing moves nearly every slot; on the demo (10 experts, top-2) the answers live in the selected
-    # experts, so forcing ruins them on the BASE model too and recovers nothing on either run
+    # expert forcing moves nearly every slot. On the demo (10 experts, top-2) the answers live in the selected
+    # experts: forcing ruins them on the BASE model too, and brings every model to about the forced base's EM
+    # (the full-length matrix in docs/study/robustness.md measures the same)
+    forced_base = v["expert_forcing"]["base_em"]
+    assert forced_base < v["restoration"]["base_em"] - 0.5
     for row in (v["expert_forcing"], g["expert_forcing"]):
         assert row["routing_shift"] > 0.8
-        assert row["recovered"] in (0.0, None)
-    assert v["expert_forcing"]["base_em"] < v["restoration"]["base_em"] - 0.5
+        assert abs(row["attacked_em"] - forced_base) <= 0.1
 
 
 @pytest.mark.parametrize("family", ["olmoe", "mixtral", "gpt_oss", "deepseek_v3", "llama4_text", "qwen2_moe"])

@@ -17,9 +17,9 @@ Library: torchao (pytorch/ao). INT8 and INT4 use its affine primitives
 (`choose_qparams_affine` / `quantize_affine` / `dequantize_affine`), which take N-D block sizes and so
 handle fused 3-D expert tensors (E x out x in) directly with block (1, 1, group); NF4 uses
 `to_nf4(...).get_original_weight()`, which takes 2-D tensors only, so a 3-D tensor is viewed as
-(E*out, in) (blocks never cross a row when `in` is a multiple of the block size). optimum-quanto
-and bitsandbytes were not used: bitsandbytes' NF4 needs its CUDA/CPU kernels and quanto quantizes
-nn.Linear modules, not bare 3-D parameters.
+(E*out, in) (blocks never cross a row when `in` is a multiple of the block size). torchao runs on
+CPU and covers all three formats, so nothing here is hand-written but the choice of tensors and the
+reshape; optimum-quanto and bitsandbytes were not needed.
 
 Footgun: NF4 needs the tensor's size to be a multiple of the block size (and of torchao's scaler
 block, 256 elements by default, reduced to fit); a tensor that is not is an error naming it.
