@@ -42,6 +42,12 @@ def _scores(layer: MoELayer, logits: torch.Tensor) -> torch.Tensor:
     return logits.sigmoid() if layer.score_fn == "sigmoid" else logits.softmax(-1)
 
 
+def forced_indices(layer: MoELayer, score: torch.Tensor, selected: torch.Tensor, n: int) -> torch.Tensor:
+    """(rows, n) long: the top-n experts by selection score (score + selection bias) outside `selected` (rows, k)."""
+    rank = score.clone() if layer.selection_bias is None else score + layer.selection_bias.float().to(score.device)
+    return rank.scatter_(1, selected.long(), float("-inf")).topk(n, dim=-1).indices
+
+
 def forced_selection(layer: MoELayer, logits: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor,
                      n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(forced indices (rows, n) long, forced weights (rows, n) float32) for one router call.
@@ -49,12 +55,7 @@ def forced_selection(layer: MoELayer, logits: torch.Tensor, selected: torch.Tens
     logits (rows, E), selected (rows, k) the router's own choice, weights (rows, k) its mixing weights.
     """
     score = _scores(layer, logits)                                                   # (rows, E)
-    rank = score.clone()
-    bias = layer.selection_bias
-    if bias is not None:
-        rank = rank + bias.float().to(rank.device)
-    rank.scatter_(1, selected.long(), float("-inf"))                                 # never the selected ones
-    forced = rank.topk(n, dim=-1).indices                                            # (rows, n)
+    forced = forced_indices(layer, score, selected, n)                               # (rows, n)
     forced_score = score.gather(1, forced)                                           # (rows, n)
     w_sum = weights.float().sum(-1)                                                  # (rows,)
     if w_sum.numel() and torch.allclose(w_sum, w_sum[0].expand_as(w_sum), rtol=1e-4, atol=1e-5):
@@ -63,13 +64,6 @@ def forced_selection(layer: MoELayer, logits: torch.Tensor, selected: torch.Tens
         ratio = w_sum / score.gather(1, selected.long()).sum(-1).clamp_min(1e-30)     # (rows,)
         new = forced_score * ratio[:, None]
     return forced, new
-
-
-def _forced_only(layer: MoELayer, logits: torch.Tensor, selected: torch.Tensor, n: int) -> torch.Tensor:
-    rank = _scores(layer, logits)
-    if layer.selection_bias is not None:
-        rank = rank + layer.selection_bias.float().to(rank.device)
-    return rank.scatter_(1, selected.long(), float("-inf")).topk(n, dim=-1).indices.cpu()
 
 
 @torch.no_grad()
@@ -126,18 +120,20 @@ def forced_experts(moe: MoEModel, n: int | None = None, record: list | None = No
             def hook(module, args, output, layer=layer, k=k, pos=pos):
                 rows = args[0].reshape(-1, layer.hidden_size).shape[0]
                 logits, selected = parse_router_output(layer, output, rows)
-                if record is not None:
-                    record.append((pos, _forced_only(layer, logits, selected, k)))
                 if layer.family.output == "scores_logits":            # Llama4: E-wide scores, 0 where unselected
                     scores, raw_logits = output
                     dense = scores.reshape(rows, -1)
                     forced, w = forced_selection(layer, logits, selected, dense.gather(1, selected), k)
+                    if record is not None:
+                        record.append((pos, forced.cpu()))
                     new = torch.zeros_like(dense).scatter_(1, forced, w.to(dense.dtype))
                     return new.reshape(scores.shape), raw_logits
                 raw_logits, weights, indices = output
                 wide = weights.reshape(rows, -1).shape[1] == layer.num_experts and layer.num_experts != layer.top_k
                 w_sel = weights.reshape(rows, -1).gather(1, selected) if wide else weights.reshape(rows, -1)
                 forced, w = forced_selection(layer, logits, selected, w_sel, k)
+                if record is not None:
+                    record.append((pos, forced.cpu()))
                 if wide:
                     new_w = torch.zeros_like(weights.reshape(rows, -1)).scatter_(1, forced, w.to(weights.dtype))
                     return raw_logits, new_w.reshape(weights.shape), forced.to(indices.dtype)

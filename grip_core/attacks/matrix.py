@@ -80,6 +80,21 @@ def matrix_cells(run_dirs) -> list[dict]:
     return cells
 
 
+def matrix_markdown(cells: list[dict]) -> str:
+    """The matrix as a markdown table: one row per (cell, attack), EM as base under attack / unlearned / attacked."""
+    from ..fmt import pct
+
+    p = lambda x: pct(x, missing="—")
+    lines = ["| run | attack | setting | base EM under attack | unlearned EM | attacked EM | recovered | "
+             "answer prob. unlearned → attacked | routing shift |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        for r in c["robustness"]:
+            lines.append(f"| {c['label']} | {r['attack']} | {r['setting']} | {p(r['base_em'])} | {p(r['unlearned_em'])} "
+                         f"| {p(r['attacked_em'])} | **{p(r['recovered'])}** | {p(r['unlearned_prob'])} → "
+                         f"{p(r['attacked_prob'])} | {p(r['routing_shift'])} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m grip_core.attacks.matrix --modes off,update --out FILE.json`: the matrix on the demo."""
     import argparse
