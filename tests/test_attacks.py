@@ -202,6 +202,7 @@ def test_attack_cli_writes_rows_and_the_dashboard_draws_them(rerouted, monkeypat
     assert ledger_summary(load_ledger(run_dir))["router"] > 0.999
     assert main(["attack", "--run", str(run_dir), "--attacks", "nope"]) == 2
     assert main(["attack", "--run", str(run_dir.parent / "missing")]) == 2
+    assert main(["attack", "--run", str(run_dir), "--relearn-fraction", "1.5"]) == 2   # before any model loads
     assert set(available_attacks()) >= {"restoration", "expert_forcing", "relearn_router", "relearn_full",
                                         "relearn_related", "quant_int8", "quant_nf4", "quant_int4", "paraphrase"}
 
