@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="re-run a study cell, a run folder or a study folder and diff the numbers")
     p.add_argument("path", help="a cell (cells/<name>--<id>.json), a run folder (config.json) or a study folder")
     p.add_argument("--tolerance", type=float, default=0.0, help="numbers closer than this count as equal")
+    from .attacks.cli import add_attack_parser
+    add_attack_parser(sub, _add_load_args)
     return parser
 
 
@@ -201,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         from .runs import commands
 
         commands.check_outputs(args)
+        if args.command == "attack":
+            from .attacks.cli import cmd_attack
+            return cmd_attack(args) or 0
         return getattr(commands, f"cmd_{args.command}")(args) or 0
     except KeyboardInterrupt:
         _close_progress_bars()

@@ -134,3 +134,6 @@ with st.expander("Run configurations"):
     for col, n, r in zip(cols, names, loaded):
         col.markdown(f"**{n}** — `{Path(r.path).name}`")
         col.json(r.config, expanded=False)
+
+from app.views._robustness import render_robustness  # noqa: E402
+render_robustness([r.path for r in loaded], key="cmp")

@@ -246,7 +246,15 @@ if report:
     probes = viz.probes_table({"unlearned": summary})
     if not probes.empty:
         ui.table(probes, "dg_probes", "diagnose-probes")
+    if report.get("ledger"):   # measured by this diagnosis: the checkpoint's tensors against the base's
+        from grip_core.attacks.ledger import ledger_summary
+        from grip_core.viz.robustness import ledger_bars
+        ui.figure(ledger_bars([{"label": "this checkpoint", "ledger": ledger_summary(report["ledger"])}]),
+                  key="dg_ledger_now", file_name="diagnose-update-ledger")
     with st.expander("Full report (JSON)"):
         st.json(report, expanded=False)
         st.download_button("Download JSON", data=json.dumps(report, indent=2, default=str).encode(), file_name="diagnosis.json",
                            key="dg_json", type="tertiary", on_click="ignore")
+
+from app.views._robustness import render_robustness  # noqa: E402
+render_robustness([st.session_state.get("dg_unlearned")], key="dg")

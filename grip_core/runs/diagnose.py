@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..attacks.ledger import ledger_from_checkpoint, update_ledger
 from ..moe import MoEModel
 from ..moe.delta import apply_checkpoint, check_same_architecture
 from .config import RunConfig
@@ -65,10 +66,13 @@ def diagnose(base: MoEModel, unlearned: MoEModel | str | Path, data: UnlearningD
     baseline = Baseline.compute(base, data, config)
     applied = None
     if in_place:
+        ledger = ledger_from_checkpoint(base, unlearned)   # streamed, before the base's weights are replaced
         applied = apply_checkpoint(base, unlearned)
         report = evaluate_final(base, None, baseline, data, config)
         report.checkpoint = applied.to_dict()
     else:
+        ledger = update_ledger(base, unlearned)
         report = evaluate_final(unlearned, base, baseline, data, config)
+    report.ledger = ledger                                 # where the update landed
     verdict, paragraph = verdict_from(report.headline.to_dict())
     return Diagnosis(report, verdict, paragraph)

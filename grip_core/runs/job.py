@@ -39,6 +39,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..attacks.ledger import update_ledger
 from ..data import encode_qa
 from ..grip import GRIP
 from ..grip.fit import fit_retain_statistics

@@ -1,0 +1,116 @@
+"""Robustness figures: the attack matrix (how much came back) and the update ledger (where ΔΘ went).
+
+Plain data in, plotly figures out:
+- `robustness_heatmap(cells)`: cells = [{"label": "graddiff · vanilla", "robustness": [row, ...]}, ...]
+  (rows of grip_core.attacks' shape); one heatmap row per cell, one column per attack; colour =
+  recovered (share of the forgotten answers the attack brought back); hover = setting, base /
+  unlearned / attacked EM, mean answer probabilities, routing shift, n.
+- `ledger_bars(cells)`: share of ‖ΔΘ‖² by parameter group, one stacked bar per cell ({"label", "ledger":
+  {group: share}}).
+- `ledger_expert_heatmap(rows)`: one run's routed-expert shares, MoE layer x expert.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import plotly.graph_objects as go
+
+from ..fmt import pct
+from .style import BASE, ROUTER, SEQUENTIAL, apply_style
+
+ATTACK_NAMES = {"restoration": "restore routers", "expert_forcing": "expert forcing",
+                "relearn_router": "relearn (routers)", "relearn_full": "relearn (all)",
+                "relearn_related": "relearn (related facts)", "quant_int8": "INT8", "quant_nf4": "NF4",
+                "quant_int4": "INT4", "paraphrase": "paraphrase"}
+GROUP_NAMES = {"router": "routers", "routed_expert": "routed experts", "shared_expert": "shared experts",
+               "attention": "attention", "embedding": "embeddings", "norm": "norms", "other": "other"}
+GROUP_COLORS = {"router": ROUTER, "routed_expert": "#0072B2", "shared_expert": "#56B4E9", "attention": "#009E73",
+                "embedding": "#E69F00", "norm": BASE, "other": "#000000"}
+
+
+def _num(x) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return math.nan
+    return v if math.isfinite(v) else math.nan
+
+
+def attack_columns(cells: Sequence[Mapping]) -> list[str]:
+    """Attack names in order of first appearance over the cells."""
+    out: list[str] = []
+    for c in cells:
+        for r in c.get("robustness") or []:
+            if r["attack"] not in out:
+                out.append(r["attack"])
+    return out
+
+
+def robustness_heatmap(cells: Sequence[Mapping], title: str | None = "Did it really forget?",
+                       subtitle: str | None = "share of the forgotten answers each attack brought back "
+                                              "(0 % = none, 100 % = all); hover for the numbers") -> go.Figure:
+    """Method x mode rows, attack columns, colour = recovered; blank where nothing was forgotten."""
+    columns = attack_columns(cells)
+    z, text, hover = [], [], []
+    for c in cells:
+        by = {r["attack"]: r for r in c.get("robustness") or []}
+        zr, tr, hr = [], [], []
+        for a in columns:
+            r = by.get(a)
+            if r is None:
+                zr.append(math.nan), tr.append(""), hr.append("not run")
+                continue
+            rec = _num(r.get("recovered"))
+            zr.append(rec)
+            tr.append(pct(rec, digits=0, missing="—"))
+            hr.append(f"{r.get('setting', '')}<br>recovered {pct(rec, missing='— (nothing forgotten)')}"
+                      f"<br>EM: base {pct(r.get('base_em'), missing='—')} (under attack) · unlearned "
+                      f"{pct(r.get('unlearned_em'), missing='—')} · attacked {pct(r.get('attacked_em'), missing='—')}"
+                      f"<br>answer prob.: base {pct(r.get('base_prob'), missing='—')} · unlearned "
+                      f"{pct(r.get('unlearned_prob'), missing='—')} · attacked {pct(r.get('attacked_prob'), missing='—')}"
+                      f"<br>routing shift {pct(r.get('routing_shift'), missing='—')} · n = {r.get('n')}")
+        z.append(zr), text.append(tr), hover.append(hr)
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[ATTACK_NAMES.get(a, a) for a in columns], y=[str(c.get("label", "?")) for c in cells],
+        zmin=0, zmax=1, colorscale="Reds", text=text, texttemplate="%{text}", customdata=hover,
+        hovertemplate="<b>%{y}</b> · %{x}<br>%{customdata}<extra></extra>",
+        colorbar=dict(title="recovered", tickformat=".0%")))
+    fig.update_yaxes(autorange="reversed")
+    return apply_style(fig, title, subtitle=subtitle, height=max(260, 120 + 48 * len(cells)))
+
+
+def ledger_bars(cells: Sequence[Mapping], title: str | None = "Where did the update land?",
+                subtitle: str | None = "share of ‖ΔΘ‖² by parameter group") -> go.Figure:
+    """One stacked horizontal bar per cell: its ledger summary {group: share}."""
+    fig = go.Figure()
+    labels = [str(c.get("label", "?")) for c in cells]
+    groups = [g for g in GROUP_NAMES if any(_num((c.get("ledger") or {}).get(g)) > 0 for c in cells)]
+    for g in groups:
+        shares = [_num((c.get("ledger") or {}).get(g)) for c in cells]
+        fig.add_trace(go.Bar(y=labels, x=shares, orientation="h", name=GROUP_NAMES[g],
+                             marker_color=GROUP_COLORS[g], text=[pct(s, digits=0, missing="") for s in shares],
+                             hovertemplate=f"<b>%{{y}}</b><br>{GROUP_NAMES[g]}: %{{x:.1%}}<extra></extra>"))
+    fig.update_layout(barmode="stack", xaxis=dict(range=[0, 1], tickformat=".0%", title="share of ‖ΔΘ‖²"))
+    fig.update_yaxes(autorange="reversed")
+    return apply_style(fig, title, subtitle=subtitle, height=max(240, 140 + 44 * len(cells)))
+
+
+def ledger_expert_heatmap(rows: Sequence[Mapping], title: str | None = "Routed experts' share of the update",
+                          subtitle: str | None = "share of ‖ΔΘ‖² per MoE layer and expert") -> go.Figure:
+    """One run's routed_expert ledger rows as a layer x expert heatmap (share of the whole update)."""
+    experts = [r for r in rows if r.get("group") == "routed_expert" and r.get("expert") is not None]
+    layers = sorted({int(r["layer"]) for r in experts})
+    n_exp = 1 + max((int(r["expert"]) for r in experts), default=-1)
+    z = [[0.0] * n_exp for _ in layers]
+    for r in experts:
+        z[layers.index(int(r["layer"]))][int(r["expert"])] += _num(r.get("share"))
+    fig = go.Figure(go.Heatmap(z=z, x=[f"E{e}" for e in range(n_exp)], y=[f"layer {l}" for l in layers],
+                               colorscale=SEQUENTIAL, zmin=0, colorbar=dict(title="share", tickformat=".0%"),
+                               hovertemplate="%{y} · %{x}: %{z:.2%} of ‖ΔΘ‖²<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    return apply_style(fig, title, subtitle=subtitle, height=max(240, 120 + 40 * len(layers)))
+
+
+__all__ = ["ATTACK_NAMES", "GROUP_NAMES", "GROUP_COLORS", "attack_columns", "robustness_heatmap",
+           "ledger_bars", "ledger_expert_heatmap"]
