@@ -67,7 +67,8 @@ def test_report_round_trips_through_the_run_store(grip_run, tmp_path):
     assert report.grip == saved.grip_ranks and report.grip.mode == "update"
     assert report.timing.steps == report.steps_done == 2
     assert report.verdict() == saved.report.verdict()
-    assert report.robustness is None and report.ledger is None
+    assert report.robustness is None                                       # attacks are run on demand
+    assert report.ledger and abs(sum(r["share"] for r in report.ledger) - 1) < 1e-6   # every job records it
 
     # the two optional blocks (shapes agreed with the attacks) are carried, saved and loaded unchanged
     report.robustness = [{"attack": "restoration", "setting": "original routers", "base_em": 0.97,
