@@ -105,7 +105,7 @@ def test_old_run_folders_open_or_say_they_are_too_old(grip_run, tmp_path):
         load_run(older)
     msg = str(err.value)
     assert msg.startswith(f"run folder {older} is too old (schema 0); re-run it") and "\n" not in msg
-    assert "trace_agreement_base" in msg
+    assert "trace_agreement_base" in msg and str(older / "summary.json") in msg
     listed = {r.run_id: r for r in list_runs(tmp_path)}
     assert listed[older.name].state == "unreadable" and listed[older.name].error == msg
     assert listed[old.name].report is not None

@@ -129,26 +129,29 @@ class RunReport:
         return verdict(self.headline.to_dict(), **kwargs)
 
     @classmethod
-    def from_dict(cls, d, source: str = "report") -> "RunReport":
+    def from_dict(cls, d, source: str = "report", file: str | None = None) -> "RunReport":
         """Parse summary.json's object. ReportFormatError (one line, naming the field) when it is not a report:
-        "run folder X is too old (schema 0); re-run it" for an unversioned one that lacks what this version
-        reads, and a plain field error for a current one (a bug or a hand edit)."""
+        "<source> is too old (schema 0); re-run it (<file>: <field>)" for an unversioned one that lacks what
+        this version reads, and "<file>: <field> ..." for a current one (a bug or a hand edit).
+        `source`: what the user knows it as ("run folder runs/<id>"); `file`: the file it came from."""
         if isinstance(d, cls):
             return d
+        where = file or source
         if not isinstance(d, dict):
-            raise ReportFormatError(f"{source}: expected a JSON object, got {type(d).__name__}")
+            raise ReportFormatError(f"{where}: expected a JSON object, got {type(d).__name__}")
         version = d.get("schema_version", 0)
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-            raise ReportFormatError(f"{source}: schema_version must be a non-negative integer, got {version!r:.40}")
+            raise ReportFormatError(f"{where}: schema_version must be a non-negative integer, got {version!r:.40}")
         if version > SCHEMA_VERSION:
-            raise ReportFormatError(f"{source} was written by a newer GRIP Studio (schema {version}; this one reads "
+            raise ReportFormatError(f"{where} was written by a newer GRIP Studio (schema {version}; this one reads "
                                     f"up to {SCHEMA_VERSION}); update GRIP Studio to open it")
         try:
             return _build(cls, {**d, "schema_version": SCHEMA_VERSION}, "report")
         except ReportFormatError as exc:
+            detail = f"{file}: {exc}" if file else str(exc)
             if version < SCHEMA_VERSION:
-                raise ReportFormatError(f"{source} is too old (schema {version}); re-run it ({exc})") from None
-            raise ReportFormatError(f"{source}: {exc}") from None
+                raise ReportFormatError(f"{source} is too old (schema {version}); re-run it ({detail})") from None
+            raise ReportFormatError(detail if file else f"{source}: {exc}") from None
 
 
 def parse(cls, data, where: str):

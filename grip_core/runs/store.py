@@ -265,7 +265,8 @@ def load_run(path: Path | str) -> SavedRun:
     _check_status(path / "status.json", status)
     steps = _read_metrics(path / "metrics.jsonl")
     summary = _read_json(path / "summary.json")
-    report = None if summary is None else RunReport.from_dict(summary, source=f"run folder {path}")
+    report = None if summary is None else RunReport.from_dict(summary, source=f"run folder {path}",
+                                                               file=str(path / "summary.json"))
     ranks = _read_json(path / "grip_ranks.json")
     grip_ranks = None if ranks is None else parse(GripRanks, ranks, str(path / "grip_ranks.json"))
     return SavedRun(path, config, status, steps, report, grip_ranks)

@@ -68,6 +68,8 @@ def run_display_name(config: Mapping | None, fallback: str = "run") -> str:
     method = str(config.get("method", "?"))
     mode = grip_mode(config)
     mode = "vanilla" if mode == "off" else "GRIP " + mode.replace("+drift", " + drift every ")
+    if mode != "vanilla" and (config.get("grip") or {}).get("threshold_kind") == "relative":
+        mode += " (relative threshold)"
     parts = [METHOD_NAMES.get(method, method), mode] + ([_regime(config)] if _regime(config) else [])
     if config.get("seed") is not None:
         parts.append(f"seed {config['seed']}")
@@ -75,8 +77,8 @@ def run_display_name(config: Mapping | None, fallback: str = "run") -> str:
         parts.append(f"{config['steps']} steps")
     name = " · ".join(parts)
     label = str(config.get("label") or "")
-    auto = f"{method}-{(config.get('grip') or {}).get('mode', 'off')}"
-    return f"{label}: {name}" if label and not label.startswith(auto) else name
+    auto = label.startswith(f"{method}-") and label.endswith(f"-s{config.get('seed')}")   # make_config's label
+    return f"{label}: {name}" if label and not auto else name
 
 
 def run_names(runs) -> list[str]:
