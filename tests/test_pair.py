@@ -10,7 +10,7 @@ from grip_core import load_model
 from grip_core.runs import RunConfig, UnlearningData, load_run, run_unlearning
 from grip_core.runs.compare import make_config
 from grip_core.runs.job import PHASES
-from grip_core.runs.pair import pair_configs, run_pair
+from grip_core.runs.pair import run_pair
 
 SMALL = dict(eval_examples=16, final_eval_examples=16, eval_every=2, batch_size=8, grip_fit_examples=128)
 
@@ -35,7 +35,9 @@ def _live_models(cls) -> int:
     return sum(1 for o in gc.get_objects() if type(o) is cls)
 
 
-def test_pair_runs_both_jobs_on_one_baseline_with_at_most_three_models(demo, data, tmp_path):
+@pytest.fixture(scope="module")
+def pair_run(demo, data, tmp_path_factory):
+    """A 3-step pair, with every progress event and the live model count at four points."""
     cls, events, counts = type(demo.model), [], []
     before = _live_models(cls)            # the base (and whatever other tests in this process still hold)
 
@@ -46,7 +48,12 @@ def test_pair_runs_both_jobs_on_one_baseline_with_at_most_three_models(demo, dat
         if (p.job, p.phase, p.fraction) == ("GRIP", "prepare", 1.0) or (p.job, p.phase, p.steps_done) == \
                 ("GRIP", "train", 1) or (p.phase == "final" and first_of_phase):
             counts.append(_live_models(cls))
-    results = run_pair(demo, _config(), data, progress=progress, runs_dir=tmp_path)
+    results = run_pair(demo, _config(), data, progress=progress, runs_dir=tmp_path_factory.mktemp("runs"))
+    return results, events, before, counts
+
+
+def test_pair_runs_both_jobs_on_one_baseline_with_at_most_three_models(demo, pair_run):
+    results, events, before, counts = pair_run
     assert [(n, r.status, r.steps_done, r.phase) for n, r in results.items()] == \
         [("vanilla", "completed", 3, "done"), ("GRIP", "completed", 3, "done")]
     assert results["vanilla"].config.grip.mode == "off" and results["GRIP"].config.grip.mode == "update"
@@ -69,12 +76,11 @@ def test_pair_runs_both_jobs_on_one_baseline_with_at_most_three_models(demo, dat
     assert all(torch.isfinite(l.router_weight).all() for l in demo.layers)
 
 
-def test_a_job_of_the_pair_gives_the_numbers_it_gives_alone(demo, data, tmp_path):
-    cfg = _config(steps=2)
-    paired = run_pair(demo, cfg, data, save=False)
-    alone = run_unlearning(demo, pair_configs(cfg)["GRIP"], data, save=False)
-    assert [r["loss"] for r in paired["GRIP"].step_log] == [r["loss"] for r in alone.step_log]
-    assert paired["GRIP"].summary["headline"] == alone.summary["headline"]
+def test_a_job_of_the_pair_gives_the_numbers_it_gives_alone(demo, data, pair_run):
+    paired = pair_run[0]["GRIP"]
+    alone = run_unlearning(demo, paired.config, data, save=False)
+    assert [r["loss"] for r in paired.step_log] == [r["loss"] for r in alone.step_log]
+    assert paired.summary["headline"] == alone.summary["headline"]
 
 
 @pytest.mark.parametrize("where", ["prepare", "fit", "final"])
