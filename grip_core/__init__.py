@@ -10,7 +10,8 @@ import logging
 for _name in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
-from .moe import (  # noqa: E402GripStudioError, ModelLoadError, MoELayer, MoEModel, NotAnMoEModelError, RoutingTrace,
+from .moe import (GripStudioError, ModelLoadError,  # noqa: E402
+                  MoELayer, MoEModel, NotAnMoEModelError, RoutingTrace,
                   UnsupportedRouterError, load_model)
 
 __version__ = "0.1.0"
