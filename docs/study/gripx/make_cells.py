@@ -1,0 +1,97 @@
+"""Cells of the GRIP-beyond-the-paper study (docs/study/grip_beyond.md), run with the study's settings.
+
+Each cell is one `run_unlearning` job with the study grid's settings (grip_core.runs.study.FULL: eval every
+10 steps on 64 examples, final probes on 200, stop once forget EM < 0.1, at most 200 steps), at an explicit
+learning rate, so GRIP modes can be calibrated by the study's rule (the smallest rate of the ladder that
+reaches forget EM < 0.1 within 200 steps) for the GRIP mode itself, not only for vanilla.
+
+    PYTHONPATH=. python docs/study/gripx/make_cells.py --methods graddiff --modes update --lrs 3e-4 --seeds 0
+
+Writes docs/study/gripx/cells/<scenario>__<regime>__<method>__<mode>__lr<lr>__<seed>.json (skipped if present).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from grip_core.moe import load_model
+from grip_core.runs.compare import make_config, result_row
+from grip_core.runs.data import UnlearningData
+from grip_core.runs.evaluate import Baseline
+from grip_core.runs.job import run_unlearning
+from grip_core.runs.study import FULL
+from grip_core.runs.verdict import FORGET_TARGET
+
+CELLS = Path(__file__).resolve().parent / "cells"
+
+
+def cell_path(scenario, regime, method, mode, lr, seed) -> Path:
+    return CELLS / f"{scenario}__{regime}__{method}__{mode}__lr{lr:g}__{seed}.json"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scenario", default="domain")
+    p.add_argument("--regime", default="shortcut")
+    p.add_argument("--methods", default="graddiff")
+    p.add_argument("--modes", default="update")
+    p.add_argument("--lrs", default="1e-4")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--ladder", action="store_true", help="per (method, mode): stop at the first lr that forgets")
+    p.add_argument("--runs-dir", default="/tmp/gripx_runs")
+    p.add_argument("--grip", default="", help="GRIPConfig overrides KEY=VALUE,... (the cell's mode name gets them as a "
+                                               "suffix, e.g. update+margin=False)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    grid = FULL
+    overrides = {k: json.loads(v) if v not in ("True", "False") else v == "True"
+                 for k, v in (kv.split("=", 1) for kv in a.grip.split(",") if kv)}
+    moe = load_model("demo")
+    CELLS.mkdir(parents=True, exist_ok=True)
+    for seed in [int(s) for s in a.seeds.split(",")]:
+        data = UnlearningData.from_scenario(a.scenario, seed=seed, retain_eval_size=grid.eval_examples)
+        baseline = None
+        for method in a.methods.split(","):
+            for mode in a.modes.split(","):
+                for lr in [float(x) for x in a.lrs.split(",")]:
+                    label = mode + (f"+{a.grip}" if a.grip else "")
+                    path = cell_path(a.scenario, a.regime, method, label, lr, seed)
+                    if path.exists():
+                        cell = json.loads(path.read_text())
+                    else:
+                        if baseline is None:
+                            baseline = Baseline.compute(moe, data, make_config(
+                                method, "off", a.regime, seed, grid.max_steps, eval_examples=grid.eval_examples,
+                                final_eval_examples=grid.final_eval_examples))
+                        config = make_config(method, mode, a.regime, seed, grid.max_steps, scenario=a.scenario,
+                                             eval_every=grid.eval_every, stop_at_forget_em=FORGET_TARGET,
+                                             eval_examples=grid.eval_examples,
+                                             final_eval_examples=grid.final_eval_examples)
+                        config.scope = dataclasses.replace(config.scope, lr=lr)
+                        config.grip = dataclasses.replace(config.grip, **overrides)
+                        t0 = time.perf_counter()
+                        result = run_unlearning(moe, config, data, baseline=baseline, runs_dir=a.runs_dir)
+                        reached = next((r["step"] for r in result.step_log
+                                        if r.get("forget_em", 1.0) < FORGET_TARGET), None)
+                        drift_ms = sum(r.get("grip_drift_ms", 0.0) or 0.0 for r in result.step_log)
+                        cell = {**result_row(method, label, result), "grip_overrides": overrides, "scenario": a.scenario, "regime": a.regime,
+                                "seed": seed, "lr": lr, "steps_to_forget": reached,
+                                "seconds": time.perf_counter() - t0,
+                                "fit_seconds": result.summary.get("timing", {}).get("grip_fit_seconds"),
+                                "train_seconds": sum(r.get("step_ms", 0.0) for r in result.step_log) / 1e3,
+                                "drift_seconds": drift_ms / 1e3}
+                        path.write_text(json.dumps(cell, indent=1))
+                    print(f"{path.name}: forget {cell['forget_em']} retain {cell['retain_em']} "
+                          f"stab {cell['retain_stability']} router {cell['retain_stability_router_only']} "
+                          f"steps {cell['steps_to_forget']} s {cell['seconds']:.0f}", flush=True)
+                    if a.ladder and cell["steps_to_forget"] is not None:
+                        break
+
+
+if __name__ == "__main__":
+    main()
