@@ -28,10 +28,58 @@ from grip_core.runs.study import FULL
 from grip_core.runs.verdict import FORGET_TARGET
 
 CELLS = Path(__file__).resolve().parent / "cells"
+STUDY_CELLS = Path(__file__).resolve().parents[1] / "cells"      # the main study's cells (reference rows)
+COLUMNS = [("lr", "lr"), ("steps_to_forget", "steps to forget"), ("forget_em", "forget EM"),
+           ("retain_em", "retain EM"), ("retain_stability", "retained stability"),
+           ("retain_stability_router_only", "router-only stab."), ("retain_stability_drift_only", "drift-only stab."),
+           ("restoration_recovered", "restoration recovers"), ("seconds", "s / run")]
 
 
 def cell_path(scenario, regime, method, mode, lr, seed) -> Path:
     return CELLS / f"{scenario}__{regime}__{method}__{mode}__lr{lr:g}__{seed}.json"
+
+
+def _fmt(values: list) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "–"
+    mean = sum(vals) / len(vals)
+    txt = f"{mean:.3g}" if mean < 1e-3 and mean > 0 else (f"{mean:.0f}" if mean >= 10 else f"{mean:.3f}")
+    if len(vals) > 1:
+        sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+        txt += f" ± {sd:.0f}" if mean >= 10 else f" ± {sd:.3f}"
+    missing = len(values) - len(vals)
+    return txt + (f" ({len(vals)}/{len(values)})" if missing else "")
+
+
+def report(scenario: str = "domain", regime: str = "shortcut") -> str:
+    """Markdown table: the main study's off / update / drift rows (its lr) beside this directory's cells."""
+    rows: dict[tuple, list[dict]] = {}
+    for path in sorted(STUDY_CELLS.glob(f"{scenario}__{regime}__*.json")):
+        cell = json.loads(path.read_text())
+        if "grip" in cell and cell.get("method") in ("ga", "graddiff", "npo", "simnpo"):
+            rows.setdefault((cell["method"], cell["grip"] + " (study)", cell["lr"]), []).append(cell)
+    for path in sorted(CELLS.glob(f"{scenario}__{regime}__*.json")):
+        cell = json.loads(path.read_text())
+        rows.setdefault((cell["method"], cell["grip"], cell["lr"]), []).append(cell)
+    mine = {k[0] for k in rows if not k[1].endswith("(study)")}
+    head = "| method | GRIP | seeds | " + " | ".join(t for _, t in COLUMNS) + " |"
+    out = [head, "|" + "---|" * (3 + len(COLUMNS))]
+    for (method, mode, lr), cells in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
+        if method not in mine:
+            continue
+        vals = []
+        for key, _ in COLUMNS:
+            if key == "steps_to_forget":
+                got = [c.get(key) for c in cells]
+                vals.append(_fmt(got) if all(g is not None for g in got) else
+                            f"{_fmt([g for g in got if g is not None])} ({sum(g is not None for g in got)}/{len(got)} reach)")
+            elif key == "lr":
+                vals.append(f"{lr:g}")
+            else:
+                vals.append(_fmt([c.get(key) for c in cells]))
+        out.append(f"| {method} | {mode} | {len(cells)} | " + " | ".join(vals) + " |")
+    return "\n".join(out)
 
 
 def main(argv=None):
@@ -42,11 +90,15 @@ def main(argv=None):
     p.add_argument("--modes", default="update")
     p.add_argument("--lrs", default="1e-4")
     p.add_argument("--seeds", default="0")
+    p.add_argument("--report", action="store_true", help="print the markdown table of the cells and stop")
     p.add_argument("--ladder", action="store_true", help="per (method, mode): stop at the first lr that forgets")
     p.add_argument("--runs-dir", default="/tmp/gripx_runs")
     p.add_argument("--grip", default="", help="GRIPConfig overrides KEY=VALUE,... (the cell's mode name gets them as a "
                                                "suffix, e.g. update+margin=False)")
     a = p.parse_args(argv)
+    if a.report:
+        print(report(a.scenario, a.regime))
+        return
     torch.set_num_threads(1)
     grid = FULL
     overrides = {k: json.loads(v) if v not in ("True", "False") else v == "True"
