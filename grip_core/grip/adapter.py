@@ -259,9 +259,8 @@ class GRIP:
         if retain_batches is not None and reference is None:
             raise ValueError("post_training_correction(retain_batches=...) needs reference= (the original model)")
         t0 = time.perf_counter()
-        A, B, tt, _, _ = self._capture(moe, retain_batches, reference, keep_inputs=False)
-        out = self._apply_ridge(moe, A, B, tt, lambda pos: moe.layers[pos].router_bias is not None,
-                                range(len(moe.layers)))
+        A, B, tt, _ = self._capture(moe, retain_batches, reference, keep_inputs=False)
+        out = self._apply_ridge(moe, A, B, tt, lambda pos: moe.layers[pos].router_bias is not None)
         return {**out, "seconds": time.perf_counter() - t0}
 
     @torch.no_grad()
@@ -269,20 +268,13 @@ class GRIP:
         """Drift-aware GRIP: re-capture the probe's router inputs from the CURRENT model, ridge-steer
         every router toward the ORIGINAL scores on them, then refit U_j and the margin rows on the
         new inputs with the ORIGINAL selections as reference. Cost: one forward pass over the probe,
-        E + 1 eigendecompositions (d' x d') and one solve per layer.
-
-        With `drift_tol` > 0 the capture first MEASURES each layer's drift (the share of probe tokens whose
-        current top-k differs from the original) and only layers above drift_tol are corrected and refit;
-        the others keep their router and constraints (no solve, no eigendecompositions)."""
+        E + 1 eigendecompositions (d' x d') and one solve per layer."""
         t0 = time.perf_counter()
-        A, B, tt, xs, moved = self._capture(self.moe, None, None, keep_inputs=True)
-        todo = [pos for pos in range(len(self.moe.layers)) if moved[pos] > self.config.drift_tol
-                or not self.config.drift_tol]
-        out = self._apply_ridge(self.moe, A, B, tt, self._bias_trains, todo)
+        A, B, tt, xs = self._capture(self.moe, None, None, keep_inputs=True)
+        out = self._apply_ridge(self.moe, A, B, tt, self._bias_trains)
         t1 = time.perf_counter()
         gen = torch.Generator().manual_seed(self.config.seed + self.num_steps)
-        for pos in todo:
-            layer, st = self.moe.layers[pos], self.state.layers[pos]
+        for pos, (layer, st) in enumerate(zip(self.moe.layers, self.state.layers)):
             x, sel = xs[pos], self.state.probe_selected[pos]                 # (Np, d'), (Np, k) original top-k
             chosen = torch.zeros(x.shape[0], st.num_experts, dtype=torch.bool).scatter_(1, sel, True)
             gram = torch.stack([x[chosen[:, j]].double().T @ x[chosen[:, j]].double()
@@ -293,15 +285,12 @@ class GRIP:
             keep = torch.randperm(x.shape[0], generator=gen)[:self.config.max_margin_rows].sort().values
             st.margin_x, st.margin_selected = x[keep].float(), sel[keep]
             st.margin_logits = st.margin_x @ router_matrix(layer).cpu().T    # corrected router, new inputs
-            for key in [k for k in self._cache if k[0] == pos]:
-                del self._cache[key]
-        return {**out, "moved": moved, "corrected": [pos in todo for pos in range(len(moved))],
-                "seconds_ridge": t1 - t0, "seconds_refit": time.perf_counter() - t1}
+        self._cache.clear()
+        return {**out, "seconds_ridge": t1 - t0, "seconds_refit": time.perf_counter() - t1}
 
     # ---- internals ----------------------------------------------------------------------------
     def _capture(self, moe, batches, reference, keep_inputs: bool):
-        """One pass: per layer A = Σ t x̃ᵀ (E, d'), B = Σ x̃x̃ᵀ (d', d'), tt = Σ‖t‖² (float64), x̃ augmented; and,
-        on the probe, moved (L,): the share of its tokens whose current top-k is not the original one."""
+        """One pass: per layer A = Σ t x̃ᵀ (E, d'), B = Σ x̃x̃ᵀ (d', d'), tt = Σ‖t‖² (float64), x̃ augmented."""
         L = len(moe.layers)
         use_probe = batches is None
         batches = self.state.probe_batches if use_probe else batches
@@ -309,7 +298,6 @@ class GRIP:
         B = [0.0] * L
         tt = [0.0] * L
         xs: list[list[torch.Tensor]] = [[] for _ in range(L)]
-        changed = [0] * L
         offset = 0
         for batch in batches:
             tr = moe.trace(batch, keep_inputs=True)
@@ -325,23 +313,12 @@ class GRIP:
                 tt[pos] += float((t * t).sum())
                 if keep_inputs:
                     xs[pos].append(x.float())
-                if use_probe:
-                    orig = self.state.probe_selected[pos][offset:offset + n].sort(1).values
-                    changed[pos] += int((tr.selected[pos].sort(1).values != orig).any(1).sum())
             offset += n
-        moved = [c / max(offset, 1) for c in changed]
-        return A, B, tt, [torch.cat(x) for x in xs] if keep_inputs else None, moved
+        return A, B, tt, [torch.cat(x) for x in xs] if keep_inputs else None
 
-    def _apply_ridge(self, moe, A, B, tt, use_bias, layers) -> dict:
-        """Ridge-correct the routers at positions `layers`; the lists returned cover every layer (None / False
-        where a layer was not corrected)."""
+    def _apply_ridge(self, moe, A, B, tt, use_bias) -> dict:
         cos0, cos1, applied = [], [], []
         for pos, layer in enumerate(moe.layers):
-            if pos not in layers:
-                cos0.append(None)
-                cos1.append(None)
-                applied.append(False)
-                continue
             a, bb, t2 = A[pos], B[pos], tt[pos]
             aug = bool(use_bias(pos))
             if layer.router_bias is not None and not aug:                    # bias stays: fit t − b on x

@@ -77,11 +77,6 @@ class GRIPConfig:
         0 = off. Every N steps: re-capture the probe's router inputs from the CURRENT model,
         ridge-steer the routers toward the ORIGINAL scores on them, refit the constraints on the
         new inputs with the ORIGINAL selections as reference.
-    drift_tol
-        0 (default) = every drift call corrects and refits every layer. > 0 = measure first: a layer is
-        corrected and refit only when more than this share of the probe's tokens has a top-k other than
-        the original one (the capture is paid either way; the solves and eigendecompositions only where
-        a layer drifted).
     ridge_lambda / ridge_form / correction_min_cos
         "delta" (default): regularise the change, Δ = (ΘX − Θ̃X̃)X̃ᵀ(X̃X̃ᵀ+λI)⁻¹, which leaves Θ̃
         untouched outside span(X̃). "paper": Θ̃+Δ = ΘXX̃ᵀ(X̃X̃ᵀ+λI)⁻¹, which ZEROES the router
@@ -103,7 +98,6 @@ class GRIPConfig:
     fit_layers_per_pass: int = 0
     fit_solver: FitSolver = "auto"
     drift_every: int = 0
-    drift_tol: float = 0.0
     ridge_lambda: float = 1e-6
     ridge_form: RidgeForm = "delta"
     correction_min_cos: float = 0.95
@@ -113,7 +107,7 @@ class GRIPConfig:
         from ..typecheck import check_fields
 
         check_fields(self, "grip")
-        for name in ("eps_null", "energy", "margin_eps", "ridge_lambda", "correction_min_cos", "drift_tol"):
+        for name in ("eps_null", "energy", "margin_eps", "ridge_lambda", "correction_min_cos"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
         for name, kind in (("mode", Mode), ("threshold_kind", ThresholdKind), ("margin_method", MarginMethod),
@@ -130,8 +124,6 @@ class GRIPConfig:
         for name in ("kaczmarz_iters", "max_margin_rows", "probe_tokens", "drift_every", "fit_layers_per_pass"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.drift_tol < 1.0:
-            raise ConfigError(f"drift_tol must be in [0, 1), got {self.drift_tol}")
         if self.ridge_lambda < 0:
             raise ConfigError(f"ridge_lambda must be >= 0, got {self.ridge_lambda}")
 
