@@ -84,10 +84,26 @@ class _Projector:
     selected: torch.Tensor        # (M, k) reference top-k of each row
     sel: torch.Tensor | None = None       # (M, E) bool mask of `selected` (constant: cached)
     selT: torch.Tensor | None = None      # (E, M) the same, expert-major
-    frozen: torch.Tensor | None = None    # (E,) bool: null space empty (r_j = d'), for Kaczmarz
+    frozen: torch.Tensor | None = None    # (E,) bool: null space empty (r_j = d'): P_j = 0
+    free: torch.Tensor | None = None      # (F,) long: the other experts
+    U_free: torch.Tensor | None = None    # (F, d', r_max over them) their bases
     ST: torch.Tensor | None = None        # (E, M) cached scores theta_ref X_fullᵀ
     theta_ref: torch.Tensor | None = None  # (E, d + has_bias) the router the cached scores belong to
     age: int = 0                          # steps since S was computed exactly
+
+    def project(self, u: torch.Tensor) -> torch.Tensor:
+        """Constraint 1 on u (E, d'): P_j u_j per row; rows of frozen experts are exactly 0 (their null space is
+        empty: projecting them would cost a full d' x d' product and leave rounding noise)."""
+        out = torch.zeros_like(u)
+        if self.free.numel():
+            out[self.free] = project_equality(self.U_free, u[self.free])
+        return out
+
+    def leak(self, a: torch.Tensor) -> float:
+        """‖a − P a‖ (Frobenius over rows): ‖U_jᵀa_j‖ for free experts (U_j orthonormal; one product instead of a
+        projection's two), ‖a_j‖ for frozen ones."""
+        free = float(torch.bmm(a[self.free].unsqueeze(1), self.U_free).pow(2).sum()) if self.free.numel() else 0.0
+        return (free + float(a[self.frozen].pow(2).sum())) ** 0.5
 
     def advance(self, theta_old: torch.Tensor, u_full: torch.Tensor, cols: torch.Tensor,
                 dV: torch.Tensor | None) -> None:
@@ -207,7 +223,7 @@ class GRIP:
             u, alpha, it = delta, torch.ones(delta.shape[0], device=delta.device), 0
             if mode != "gradient":
                 t0 = self._tick()
-                u = project_equality(P.U, delta)
+                u = P.project(delta)
                 t1 = self._tick()
                 if cfg.margin and P.X.shape[0]:
                     E = u.shape[0]
@@ -230,8 +246,7 @@ class GRIP:
             dn = float(delta.norm())
             norms.append(dn)
             removed.append(self._grad_stats[0][pos] if mode == "gradient" else _ratio(delta - u, delta))
-            # ‖a − P a‖ = ‖Uᵀa‖ (each U_j orthonormal): one product instead of the projection's two
-            leak.append(float(torch.bmm(applied.unsqueeze(1), P.U).norm()) / dn if dn > 0 else 0.0)
+            leak.append(P.leak(applied) / dn if dn > 0 else 0.0)
             amin.append(float(alpha.min()))
             amean.append(float(alpha.mean()))
             iters.append(it)
@@ -393,8 +408,10 @@ class GRIP:
             sel.scatter_(1, selected.long(), True)
             frozen = torch.tensor([b.shape[1] >= X.shape[1] for b in basis], dtype=torch.bool, device=dev)
             X = X.contiguous().to(dev)
+            free = (~frozen).nonzero().squeeze(1)
+            U_free = _pad_bases([basis[j] for j in free.tolist()], X.shape[1]).to(dev)
             self._cache[key] = _Projector(U.to(dev), X, X.T.contiguous(), X_full, selected, sel, sel.T.contiguous(),
-                                          frozen)
+                                          frozen, free, U_free)
         return self._cache[key]
 
     @torch.no_grad()
@@ -419,7 +436,7 @@ class GRIP:
             if aug:
                 gb = b.grad if b.grad is not None else torch.zeros_like(b)
                 g = torch.cat([g, gb.float().reshape(-1, 1)], dim=1)         # (E, d + 1)
-            pg = project_equality(self._projector(pos, aug).U, g)
+            pg = self._projector(pos, aug).project(g)
             removed.append(_ratio(g - pg, g))
             W.grad.copy_(pg[:, :layer.hidden_size])
             if aug and b.grad is not None:
