@@ -70,11 +70,11 @@ RESCORE_EVERY = 64        # steps between exact recomputations of the cached mar
 class _Projector:
     """A layer's constraints on the router's device. d' includes the bias coordinate iff `aug`.
 
-    Margin-row scores ST = Θ X_fullᵀ (E, M) are cached (float32, as the product that made them) and advanced by the applied update's
-    u Xᵀ each step, so a step costs one (C, d') x (d', M) product for the C experts that move, not a
-    (2E, d') one; they are recomputed exactly when the router no longer equals `theta_ref` (a write outside
-    GRIP, a drift correction, a router stored in a low-precision dtype) and every RESCORE_EVERY steps.
-    Expert-major (E, M) layout: the moving experts are contiguous row blocks.
+    Margin-row scores ST = Θ X_fullᵀ (E, M) are cached (float32, like the product that made them) and advanced
+    by the applied update's u Xᵀ each step, so a step costs one (C, d') x (d', M) product for the C experts that
+    move (frozen experts never do), not a (2E, d') one; they are recomputed when the router no longer equals
+    `theta_ref` (a write outside GRIP, a drift correction, a router stored in a low-precision dtype) and every
+    RESCORE_EVERY steps. Expert-major (E, M) layout: the moving experts are contiguous row blocks.
     """
 
     U: torch.Tensor               # (E, d', r_max) zero-padded bases
@@ -113,7 +113,7 @@ class _Projector:
             self.ST = self.theta_ref = None
             return
         if cols.numel():
-            self.ST.index_add_(0, cols, dV).double()
+            self.ST.index_add_(0, cols, dV)
         self.theta_ref = theta_old.to(u_full) + u_full
         self.age += 1
 

@@ -99,18 +99,12 @@ def margin_bounds(logits: torch.Tensor, selected: torch.Tensor, rule: SelectionR
     is approximate; "logit" rules only). The rule's kind picks its function in BOUNDS (see each).
     sel (optional): the (M, E) bool mask of `selected`, for callers that cache it (it is constant per row).
     lo_none: return lo = None where it is −inf everywhere (the α-scaling then skips the lower test).
-    cols (optional, long (C,)): bounds of these experts only, (M, C) ("logit" rules compute just those columns;
-    the others compute all and slice: their bounds couple experts).
+    cols (optional, long (C,)): the bounds of these experts only, (M, C).
     """
     l = logits.double()                                                      # (M, E)
     if sel is None:
         sel = torch.zeros(l.shape, dtype=torch.bool, device=l.device).scatter_(1, selected.long(), True)
-    hold = hold_selected and rule.kind == "logit"
-    if cols is not None and rule.kind == "logit" and not hold:
-        m = l.gather(1, selected.long()).amin(1, keepdim=True)              # (M, 1) weakest selected, all experts
-        hi = (m - l[:, cols] - eps).clamp_min_(0.0).masked_fill_(sel[:, cols], _INF)
-        return (None if lo_none else torch.full_like(hi, -_INF, dtype=torch.float32)), hi.float()
-    lo, hi = BOUNDS[rule.kind](l, selected, sel, rule, eps, hold)
+    lo, hi = BOUNDS[rule.kind](l, selected, sel, rule, eps, hold_selected and rule.kind == "logit")
     if cols is not None:
         lo, hi = (None if lo is None else lo[:, cols]), hi[:, cols]
     if lo is None and not lo_none:
