@@ -151,10 +151,6 @@ class GRIPMode:
     description: str                                   # one line, shown in CLI help and the dashboard
     overrides: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))   # GRIPConfig fields it sets
 
-    def config(self, **extra) -> GRIPConfig:
-        """GRIPConfig with this mode's fields (and `extra`, e.g. seed=...)."""
-        return GRIPConfig(**{**self.overrides, **extra})
-
 
 def _mode(description: str, **overrides) -> GRIPMode:
     return GRIPMode(description, MappingProxyType(overrides))
@@ -177,10 +173,3 @@ MODES: MappingProxyType = MappingProxyType({
 def mode_help() -> str:
     """'name: description; ...' for argparse help texts (a '%' is doubled: argparse formats help with %)."""
     return "; ".join(f"{name}: {m.description}" for name, m in MODES.items()).replace("%", "%%")
-
-
-def grip_mode(name: str) -> GRIPMode:
-    """The registry entry `name`; a ConfigError naming the choices otherwise."""
-    if name not in MODES:
-        raise ConfigError(f"unknown GRIP mode {name!r}; choose from {sorted(MODES)}")
-    return MODES[name]
