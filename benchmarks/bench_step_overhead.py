@@ -17,7 +17,7 @@ Variants (names as in grip_core.runs.compare.GRIP_MODES where they exist):
     gradient           gradient mode (projects .grad; equality only)
     drift              update mode + drift-aware correction every 10 steps (ratio_total amortises it)
 
-Whole run (`--whole-run`, on by default): the job runner's complete unlearning run, GradDiff on the domain
+Whole run (on unless `--no-whole-run`): the job runner's complete unlearning run, GradDiff on the domain
 scenario with the study's stopping rule (evaluate every 10 steps, stop once forget EM < 0.1, at most 200
 steps), once vanilla and once per GRIP arm (`mode@lr`: a GRIP mode of grip_core.grip.config.MODES at its
 own learning rate), one after the other on one shared Baseline. Wall time includes GRIP's fit, every step,
