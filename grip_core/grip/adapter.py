@@ -77,7 +77,6 @@ class _Projector:
     RESCORE_EVERY steps. Expert-major (E, M) layout: the moving experts are contiguous row blocks.
     """
 
-    U: torch.Tensor               # (E, d', r_max) zero-padded bases
     X: torch.Tensor               # (M, d') margin rows
     XT: torch.Tensor              # (d', M) the same, transposed and contiguous (u @ XT streams it row-major)
     X_full: torch.Tensor          # (M, d + has_bias) the same rows with the bias coordinate (scores)
@@ -86,10 +85,26 @@ class _Projector:
     selT: torch.Tensor | None = None      # (E, M) the same, expert-major
     frozen: torch.Tensor | None = None    # (E,) bool: null space empty (r_j = d'): P_j = 0
     free: torch.Tensor | None = None      # (F,) long: the other experts
-    U_free: torch.Tensor | None = None    # (F, d', r_max over them) their bases
+    U_free: torch.Tensor | None = None    # (F, d', r_max over them) their zero-padded bases U_j
     ST: torch.Tensor | None = None        # (E, M) cached scores theta_ref X_fullᵀ
     theta_ref: torch.Tensor | None = None  # (E, d + has_bias) the router the cached scores belong to
     age: int = 0                          # steps since S was computed exactly
+    _U: torch.Tensor | None = None        # (E, d', r) every expert's basis, built for Kaczmarz only
+
+    @property
+    def U(self) -> torch.Tensor:
+        """(E, d', r) bases of every expert (Kaczmarz), built on first use: U_free itself when no expert is frozen
+        (no copy: at real width one layer's bases are ~0.5 GB), else with the identity for frozen experts (any
+        orthonormal basis of R^d' gives P_j = 0)."""
+        if self._U is None:
+            if not bool(self.frozen.any()):
+                self._U = self.U_free
+            else:
+                E, d = self.frozen.shape[0], self.X.shape[1]
+                self._U = self.X.new_zeros(E, d, d)
+                self._U[self.free, :, :self.U_free.shape[-1]] = self.U_free
+                self._U[self.frozen] = torch.eye(d, device=self.X.device, dtype=self.X.dtype)
+        return self._U
 
     def project(self, u: torch.Tensor) -> torch.Tensor:
         """Constraint 1 on u (E, d'): P_j u_j per row; rows of frozen experts are exactly 0 (their null space is
@@ -402,7 +417,6 @@ class GRIP:
             weight_only = st.has_bias and not aug
             basis = st.basis_weight if weight_only else st.basis
             X = st.margin_x[:, :st.hidden_size] if weight_only else st.margin_x
-            U = _pad_bases(basis, X.shape[1])
             X_full, selected = st.margin_x.to(dev), st.margin_selected.to(dev)
             sel = torch.zeros(X_full.shape[0], st.num_experts, dtype=torch.bool, device=dev)
             sel.scatter_(1, selected.long(), True)
@@ -410,8 +424,8 @@ class GRIP:
             X = X.contiguous().to(dev)
             free = (~frozen).nonzero().squeeze(1)
             U_free = _pad_bases([basis[j] for j in free.tolist()], X.shape[1]).to(dev)
-            self._cache[key] = _Projector(U.to(dev), X, X.T.contiguous(), X_full, selected, sel, sel.T.contiguous(),
-                                          frozen, free, U_free)
+            self._cache[key] = _Projector(X, X.T.contiguous(), X_full, selected, sel, sel.T.contiguous(), frozen, free,
+                                          U_free)
         return self._cache[key]
 
     @torch.no_grad()
