@@ -1,6 +1,6 @@
 """Cells of the GRIP-beyond-the-paper study (docs/study/grip_beyond.md), run with the study's settings.
 
-Each cell is one `run_unlearning` job with the study grid's settings (grip_core.runs.study.FULL: eval every
+Each cell is one `run_unlearning` job with the study grid's settings (as in docs/study/findings.md: eval every
 10 steps on 64 examples, final probes on 200, stop once forget EM < 0.1, at most 200 steps), at an explicit
 learning rate, so GRIP modes can be calibrated by the study's rule (the smallest rate of the ladder that
 reaches forget EM < 0.1 within 200 steps) for the GRIP mode itself, not only for vanilla.
@@ -24,10 +24,10 @@ from grip_core.runs.compare import make_config, result_row
 from grip_core.runs.data import UnlearningData
 from grip_core.runs.evaluate import Baseline
 from grip_core.runs.job import run_unlearning
-from grip_core.runs.study import FULL
 from grip_core.runs.verdict import FORGET_TARGET
 
 CELLS = Path(__file__).resolve().parent / "cells"
+EVAL_EVERY, EVAL_EXAMPLES, FINAL_EVAL_EXAMPLES, MAX_STEPS = 10, 64, 200, 200    # the study grid's settings
 STUDY_CELLS = Path(__file__).resolve().parents[1] / "cells"      # the main study's cells (reference rows)
 COLUMNS = [("lr", "lr"), ("steps_to_forget", "steps to forget"), ("forget_em", "forget EM"),
            ("retain_em", "retain EM"), ("retain_stability", "retained stability"),
@@ -100,13 +100,12 @@ def main(argv=None):
         print(report(a.scenario, a.regime))
         return
     torch.set_num_threads(1)
-    grid = FULL
     overrides = {k: json.loads(v) if v not in ("True", "False") else v == "True"
                  for k, v in (kv.split("=", 1) for kv in a.grip.split(",") if kv)}
     moe = load_model("demo")
     CELLS.mkdir(parents=True, exist_ok=True)
     for seed in [int(s) for s in a.seeds.split(",")]:
-        data = UnlearningData.from_scenario(a.scenario, seed=seed, retain_eval_size=grid.eval_examples)
+        data = UnlearningData.from_scenario(a.scenario, seed=seed, retain_eval_size=EVAL_EXAMPLES)
         baseline = None
         for method in a.methods.split(","):
             for mode in a.modes.split(","):
@@ -118,12 +117,11 @@ def main(argv=None):
                     else:
                         if baseline is None:
                             baseline = Baseline.compute(moe, data, make_config(
-                                method, "off", a.regime, seed, grid.max_steps, eval_examples=grid.eval_examples,
-                                final_eval_examples=grid.final_eval_examples))
-                        config = make_config(method, mode, a.regime, seed, grid.max_steps, scenario=a.scenario,
-                                             eval_every=grid.eval_every, stop_at_forget_em=FORGET_TARGET,
-                                             eval_examples=grid.eval_examples,
-                                             final_eval_examples=grid.final_eval_examples)
+                                method, "off", a.regime, seed, MAX_STEPS, eval_examples=EVAL_EXAMPLES,
+                                final_eval_examples=FINAL_EVAL_EXAMPLES))
+                        config = make_config(method, mode, a.regime, seed, MAX_STEPS, scenario=a.scenario,
+                                             eval_every=EVAL_EVERY, stop_at_forget_em=FORGET_TARGET,
+                                             eval_examples=EVAL_EXAMPLES, final_eval_examples=FINAL_EVAL_EXAMPLES)
                         config.scope = dataclasses.replace(config.scope, lr=lr)
                         config.grip = dataclasses.replace(config.grip, **overrides)
                         t0 = time.perf_counter()
