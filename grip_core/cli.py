@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from .grip.config import mode_help
 from .moe.errors import GripStudioError
 
 
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="methods x GRIP modes on one model + scenario; prints a table")
     _add_common(p)
     p.add_argument("--methods", default="ga,graddiff,npo,simnpo,rmu")
-    p.add_argument("--grip-modes", default="off,update", help="comma list of off / update / gradient / drift")
+    p.add_argument("--grip-modes", default="off,update", help="comma list of GRIP modes (" + mode_help() + ")")
     p.add_argument("--preset", default=default_preset, help="learning-rate / scope preset (see grip_core.runs.presets)")
     p.add_argument("--steps", type=int, default=None, help="unlearning steps (default: RunConfig's; 0 = none)")
     p.add_argument("--out", default=None, help="output stem: writes OUT.csv and OUT.json "
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--config", help="RunConfig JSON file")
     p.add_argument("--method", default=d.method)
-    p.add_argument("--grip-mode", default=d.grip.mode)
+    p.add_argument("--grip-mode", default=d.grip.mode, help="GRIP mode (" + mode_help() + ")")
     p.add_argument("--preset", default=default_preset)
     p.add_argument("--steps", type=int, default=None, help="unlearning steps (default: RunConfig's; 0 = none)")
     p.add_argument("--save-weights", nargs="?", const="delta", choices=["delta", "full"], default=None,

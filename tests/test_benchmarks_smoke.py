@@ -85,6 +85,11 @@ def test_step_overhead_structure(tiny_run):
             assert {"project_ms_median", "margin_ms_median", "grip_hooks_ms_median", "drift_ms_amortised"} <= set(row)
     steps = doc["config"]["steps"] + doc["config"]["warmup"]
     assert all(len(v) == steps for v in doc["results"]["per_step_ms"].values())
+    whole = doc["results"]["whole_run"]                                      # complete vanilla vs GRIP runs
+    assert [r["arm"] for r in whole] == ["off@1e-4", "update@1e-4"] and whole[0]["wall_ratio"] == 1.0
+    assert all(r["steps"] == 2 and r["wall_s"] >= r["steps_s"] > 0 for r in whole)
+    assert whole[1]["fit_s"] > whole[0]["fit_s"] >= 0                         # vanilla fits nothing
+    assert doc["summary"]["whole_run_ratio[update@1e-4]"] == whole[1]["wall_ratio"]
 
 
 def test_fit_scaling_and_real_shapes_structure(tiny_run):

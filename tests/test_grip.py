@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from grip_core import MoEModel
 from grip_core.grip import GRIP, GRIPConfig, GRIPState
-from grip_core.grip.project import (SelectionRule, augment, margin_bounds, margin_kaczmarz, margin_scale,
-                                    project_equality, rule_selection)
+from grip_core.grip.project import augment, margin_bounds, margin_kaczmarz, margin_scale, project_equality
+from grip_core.moe.selection import SelectionRule
 from grip_core.moe.tiny import build_tiny_model
 
 
@@ -84,7 +84,7 @@ def _router_view(moe, grip, base):
     for layer, st, x in zip(moe.layers, grip.state.layers, base.inputs):
         b = None if layer.router_bias is None else layer.router_bias.detach()
         logits = F.linear(x, layer.router_weight.detach(), b)
-        out.append((logits, rule_selection(logits, st.rule, layer.top_k)))
+        out.append((logits, st.rule.select(logits, layer.top_k)))
     return out
 
 

@@ -61,6 +61,12 @@ def test_discovery_and_trace_match_router(family):
         torch.testing.assert_close(trace.logits[i], logits.reshape(-1, 8).float()[real])
         if getattr(out, "router_logits", None) is not None:
             torch.testing.assert_close(trace.logits[i], out.router_logits[i].reshape(-1, 8).float()[real])
+        # the family row's selection rule (MoELayer.selection_rule) reproduces the router's own top-k
+        rule = layer.selection_rule()
+        assert rule.kind == layer.family.selection
+        if layer.family.grouped_topk:
+            assert (rule.num_group, rule.topk_group) == (layer.router.num_group, layer.router.topk_group)
+        assert torch.equal(rule.select(trace.logits[i], layer.top_k), trace.selection_mask(i))
 
 
 def test_selection_bias_is_respected_deepseek():

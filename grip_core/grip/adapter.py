@@ -34,13 +34,14 @@ from __future__ import annotations
 import time
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .config import GRIPConfig
 from .fit import GRIPState, bases_from_inputs, fit_retain_statistics, router_matrix
-from .project import (augment, margin_bounds, margin_kaczmarz, margin_scale, project_equality, ridge_solve)
+from .project import (alpha_logit_rows, alpha_scale, augment, margin_bounds, margin_kaczmarz, project_equality,
+                      ridge_solve)
 
 
 @dataclass
@@ -62,16 +63,74 @@ class GRIPStepStats:
     drift: dict | None = None
 
 
+RESCORE_EVERY = 64        # steps between exact recomputations of the cached margin-row scores (float drift)
+
+
 @dataclass
 class _Projector:
-    """A layer's constraints on the router's device. d' includes the bias coordinate iff `aug`."""
+    """A layer's constraints on the router's device. d' includes the bias coordinate iff `aug`.
 
-    U: torch.Tensor               # (E, d', r_max) zero-padded bases
+    Margin-row scores ST = Θ X_fullᵀ (E, M) are cached (float32, like the product that made them) and advanced
+    by the applied update's u Xᵀ each step, so a step costs one (C, d') x (d', M) product for the C experts that
+    move (frozen experts never do), not a (2E, d') one; they are recomputed when the router no longer equals
+    `theta_ref` (a write outside GRIP, a drift correction, a router stored in a low-precision dtype) and every
+    RESCORE_EVERY steps. Expert-major (E, M) layout: the moving experts are contiguous row blocks.
+    """
+
     X: torch.Tensor               # (M, d') margin rows
+    XT: torch.Tensor              # (d', M) the same, transposed and contiguous (u @ XT streams it row-major)
     X_full: torch.Tensor          # (M, d + has_bias) the same rows with the bias coordinate (scores)
     selected: torch.Tensor        # (M, k) reference top-k of each row
     sel: torch.Tensor | None = None       # (M, E) bool mask of `selected` (constant: cached)
-    frozen: torch.Tensor | None = None    # (E,) bool: null space empty (r_j = d'), for Kaczmarz
+    selT: torch.Tensor | None = None      # (E, M) the same, expert-major
+    frozen: torch.Tensor | None = None    # (E,) bool: null space empty (r_j = d'): P_j = 0
+    free: torch.Tensor | None = None      # (F,) long: the other experts
+    U_free: torch.Tensor | None = None    # (F, d', r_max over them) their zero-padded bases U_j
+    ST: torch.Tensor | None = None        # (E, M) cached scores theta_ref X_fullᵀ
+    theta_ref: torch.Tensor | None = None  # (E, d + has_bias) the router the cached scores belong to
+    age: int = 0                          # steps since S was computed exactly
+    _U: torch.Tensor | None = None        # (E, d', r) every expert's basis, built for Kaczmarz only
+
+    @property
+    def U(self) -> torch.Tensor:
+        """(E, d', r) bases of every expert (Kaczmarz), built on first use: U_free itself when no expert is frozen
+        (no copy: at real width one layer's bases are ~0.5 GB), else with the identity for frozen experts (any
+        orthonormal basis of R^d' gives P_j = 0)."""
+        if self._U is None:
+            if not bool(self.frozen.any()):
+                self._U = self.U_free
+            else:
+                E, d = self.frozen.shape[0], self.X.shape[1]
+                self._U = self.X.new_zeros(E, d, d)
+                self._U[self.free, :, :self.U_free.shape[-1]] = self.U_free
+                self._U[self.frozen] = torch.eye(d, device=self.X.device, dtype=self.X.dtype)
+        return self._U
+
+    def project(self, u: torch.Tensor) -> torch.Tensor:
+        """Constraint 1 on u (E, d'): P_j u_j per row; rows of frozen experts are exactly 0 (their null space is
+        empty: projecting them would cost a full d' x d' product and leave rounding noise)."""
+        out = torch.zeros_like(u)
+        if self.free.numel():
+            out[self.free] = project_equality(self.U_free, u[self.free])
+        return out
+
+    def leak(self, a: torch.Tensor) -> float:
+        """‖a − P a‖ (Frobenius over rows): ‖U_jᵀa_j‖ for free experts (U_j orthonormal; one product instead of a
+        projection's two), ‖a_j‖ for frozen ones."""
+        free = float(torch.bmm(a[self.free].unsqueeze(1), self.U_free).pow(2).sum()) if self.free.numel() else 0.0
+        return (free + float(a[self.frozen].pow(2).sum())) ** 0.5
+
+    def advance(self, theta_old: torch.Tensor, u_full: torch.Tensor, cols: torch.Tensor,
+                dV: torch.Tensor | None) -> None:
+        """The router became theta_old + u_full: ST[cols] += dV (C, M) (the applied update's u Xᵀ on the experts
+        that moved), or drop ST when dV is None (the next step recomputes it)."""
+        if dV is None or self.ST is None:
+            self.ST = self.theta_ref = None
+            return
+        if cols.numel():
+            self.ST.index_add_(0, cols, dV)
+        self.theta_ref = theta_old.to(u_full) + u_full
+        self.age += 1
 
 
 def _pad_bases(basis: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -179,29 +238,30 @@ class GRIP:
             u, alpha, it = delta, torch.ones(delta.shape[0], device=delta.device), 0
             if mode != "gradient":
                 t0 = self._tick()
-                u = project_equality(P.U, delta)
+                u = P.project(delta)
                 t1 = self._tick()
                 if cfg.margin and P.X.shape[0]:
-                    # ONE product gives the scores before this step (bounds) and V = X uᵀ (α-scaling):
-                    # [Θ_old; u] @ X_fullᵀ reads the M margin rows once (u padded with a zero bias column
-                    # when the bias exists but does not train, so u·x̃ = u·x exactly).
                     E = u.shape[0]
-                    u_full = u if u.shape[1] == P.X_full.shape[1] else torch.cat([u, u.new_zeros(E, 1)], 1)
-                    R = torch.cat([snap[pos].to(u), u_full]) @ P.X_full.T             # (2E, M)
-                    lo, hi = self._bounds(pos, P, snap[pos], logits=R[:E].T)
+                    ST = self._scores(P, snap[pos])                                 # (E, M) scores before this step
+                    cols = (u != 0).any(1).nonzero().squeeze(1)                     # experts that move at all
                     if cfg.margin_method == "scale":
-                        fast_lo = self.state.layers[pos].rule.kind == "logit" and cfg.threshold_kind != "relative"
-                        u, alpha = margin_scale(u, P.X, None if fast_lo else lo, hi, V=R[E:].T)
+                        u, alpha, dV = self._scale(pos, P, ST, u, cols)
                     else:
+                        lo, hi = self._bounds(pos, P, snap[pos], logits=ST.T)
                         u, alpha, it = margin_kaczmarz(u, P.X, lo, hi, P.U, cfg.kaczmarz_iters, self._generator(u),
-                                                       XT=P.X.T, frozen=P.frozen)
+                                                       XT=P.XT, frozen=P.frozen)
+                        dV = None
+                    if mode == "update":                                            # the scores after the write
+                        P.advance(snap[pos], u if u.shape[1] == P.X_full.shape[1] else
+                                  torch.cat([u, u.new_zeros(E, 1)], 1), cols, dV)
                 t_proj, t_marg = t_proj + t1 - t0, t_marg + self._tick() - t1
             if mode == "update":
                 self._write(layer, old + u, aug)
             applied = u if mode == "update" else delta
-            norms.append(float(delta.norm()))
+            dn = float(delta.norm())
+            norms.append(dn)
             removed.append(self._grad_stats[0][pos] if mode == "gradient" else _ratio(delta - u, delta))
-            leak.append(_ratio(applied - project_equality(P.U, applied), delta))
+            leak.append(P.leak(applied) / dn if dn > 0 else 0.0)
             amin.append(float(alpha.min()))
             amean.append(float(alpha.mean()))
             iters.append(it)
@@ -319,6 +379,31 @@ class GRIP:
         return margin_bounds(logits, P.selected, self.state.layers[pos].rule, self.config.margin_eps,
                              hold_selected=self.config.threshold_kind == "relative", sel=P.sel)
 
+    def _scores(self, P: _Projector, theta_old: torch.Tensor) -> torch.Tensor:
+        """(E, M) scores theta_old X_fullᵀ on the margin rows: P's cache when it is still exact."""
+        if P.ST is None or P.age >= RESCORE_EVERY or not torch.equal(P.theta_ref, theta_old.to(P.theta_ref)):
+            P.ST = theta_old.to(P.X_full) @ P.X_full.T
+            P.theta_ref, P.age = theta_old.to(P.X_full).clone(), 0
+        return P.ST
+
+    def _scale(self, pos: int, P: _Projector, ST: torch.Tensor, u: torch.Tensor,
+               cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """α-scaling of u (already in the null spaces) on the experts `cols` that move (the others keep α = 1 and
+        cost nothing): returns (α u, α (E,), the applied update's (α u) Xᵀ on `cols` (C, M))."""
+        alpha = torch.ones(u.shape[0], dtype=u.dtype, device=u.device)
+        if not cols.numel():
+            return u, alpha, ST.new_zeros(0, ST.shape[1])
+        VT = u[cols] @ P.XT                                                  # (C, M) = u_jᵀx_i of the moving experts
+        rule, hold = self.state.layers[pos].rule, self.config.threshold_kind == "relative"
+        if rule.kind == "logit" and not hold:
+            a = alpha_logit_rows(ST, P.selected, P.selT, cols, VT, self.config.margin_eps)
+        else:
+            lo, hi = margin_bounds(ST.T, P.selected, rule, self.config.margin_eps, hold_selected=hold, sel=P.sel,
+                                   lo_none=True, cols=cols)
+            a = alpha_scale(VT.T, lo, hi)
+        alpha[cols] = a
+        return u * alpha.unsqueeze(1), alpha, VT * a.unsqueeze(1)
+
     def _bias_trains(self, pos: int) -> bool:
         b = self.moe.layers[pos].router_bias
         return b is not None and b.requires_grad
@@ -332,12 +417,15 @@ class GRIP:
             weight_only = st.has_bias and not aug
             basis = st.basis_weight if weight_only else st.basis
             X = st.margin_x[:, :st.hidden_size] if weight_only else st.margin_x
-            U = _pad_bases(basis, X.shape[1])
             X_full, selected = st.margin_x.to(dev), st.margin_selected.to(dev)
             sel = torch.zeros(X_full.shape[0], st.num_experts, dtype=torch.bool, device=dev)
             sel.scatter_(1, selected.long(), True)
             frozen = torch.tensor([b.shape[1] >= X.shape[1] for b in basis], dtype=torch.bool, device=dev)
-            self._cache[key] = _Projector(U.to(dev), X.contiguous().to(dev), X_full, selected, sel, frozen)
+            X = X.contiguous().to(dev)
+            free = (~frozen).nonzero().squeeze(1)
+            U_free = _pad_bases([basis[j] for j in free.tolist()], X.shape[1]).to(dev)
+            self._cache[key] = _Projector(X, X.T.contiguous(), X_full, selected, sel, sel.T.contiguous(), frozen, free,
+                                          U_free)
         return self._cache[key]
 
     @torch.no_grad()
@@ -362,7 +450,7 @@ class GRIP:
             if aug:
                 gb = b.grad if b.grad is not None else torch.zeros_like(b)
                 g = torch.cat([g, gb.float().reshape(-1, 1)], dim=1)         # (E, d + 1)
-            pg = project_equality(self._projector(pos, aug).U, g)
+            pg = self._projector(pos, aug).project(g)
             removed.append(_ratio(g - pg, g))
             W.grad.copy_(pg[:, :layer.hidden_size])
             if aug and b.grad is not None:

@@ -9,12 +9,13 @@ dimensions. `GRIPState.rank_table(kind, value)` shows that trade-off without a r
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from types import MappingProxyType
 from typing import Literal, get_args
 
 from ..moe.errors import ConfigError
 
-Mode = Literal["update", "gradient", "off"]
+Mode = Literal["update", "gradient", "off"]       # GRIPConfig.mode; every one is also a MODES entry of that name
 ThresholdKind = Literal["absolute", "relative"]
 MarginMethod = Literal["scale", "kaczmarz"]
 BasisDtype = Literal["float32", "float16"]
@@ -27,6 +28,7 @@ class GRIPConfig:
     """How GRIP fits retained statistics and constrains router updates.
 
     mode
+        the base mode; named modes (MODES below: "drift", ...) are base modes plus other fields.
         "update"   (default) project ΔΘ = Θ_new − Θ_old AFTER optimizer.step(): correct for
                    any optimizer, Adam included (its step is not linear in the gradient).
         "gradient" project the routers' .grad BEFORE optimizer.step(): exact for plain SGD
@@ -140,3 +142,34 @@ class GRIPConfig:
         from ..typecheck import build
 
         return build(cls, data, "grip", strict=False)
+
+
+@dataclass(frozen=True)
+class GRIPMode:
+    """One named GRIP mode: what the CLI (`--grip-mode(s)`), the dashboard and the study call it."""
+
+    description: str                                   # one line, shown in CLI help and the dashboard
+    overrides: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))   # GRIPConfig fields it sets
+
+
+def _mode(description: str, **overrides) -> GRIPMode:
+    return GRIPMode(description, MappingProxyType(overrides))
+
+
+# THE registry of GRIP modes (docs/method.md#grip). Each base `Mode` is an entry of the same name; the others are
+# named settings of GRIPConfig on top of one (tests/test_grip_modes.py keeps both in step).
+MODES: MappingProxyType = MappingProxyType({
+    "off": _mode("vanilla unlearning: GRIP records what it would remove and never writes", mode="off"),
+    "update": _mode("project each optimizer step's router update into the retained null space (+ margins)",
+                    mode="update"),
+    "gradient": _mode("project router gradients before the step (exact for SGD only; no margins)", mode="gradient"),
+    "drift": _mode("update mode + every 10 steps re-capture router inputs, ridge-correct and refit",
+                   mode="update", drift_every=10),
+    "update-relative": _mode("update mode with the relative (99.9 % energy) threshold: more plastic, approximate",
+                             mode="update", threshold_kind="relative"),
+})
+
+
+def mode_help() -> str:
+    """'name: description; ...' for argparse help texts (a '%' is doubled: argparse formats help with %)."""
+    return "; ".join(f"{name}: {m.description}" for name, m in MODES.items()).replace("%", "%%")

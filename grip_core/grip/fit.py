@@ -16,8 +16,8 @@ Footguns:
 - Padding is excluded (the trace drops pad rows); every real token counts, prompt included.
 - Selection-only biases (DeepSeek-V3's e_score_correction_bias) are SNAPSHOT at fit time;
   if a load balancer later moves them, refit.
-- Softmax + selection bias (ERNIE-4.5): choice = softmax(l) + b couples all experts, so the
-  margins (taken on the logits) are approximate; a warning says so when the bias is nonzero.
+- The selection rule (grip_core/moe/selection.py) comes from the family table via
+  MoELayer.selection_rule(); softmax + selection bias (ERNIE-4.5) is approximate (a warning says so).
 - Memory: L·E·d'²·8 bytes of Grams while fitting in one pass (OLMoE-1B-7B: 34 GB). With
   `fit_layers_per_pass=n` the batches are streamed ceil(L/n) times and only n layers' Grams
   live at once (OLMoE, n=1: 2.1 GB); the batches must then be re-iterable (a generator is
@@ -37,7 +37,8 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from .config import GRIPConfig
-from .project import SelectionRule, augment, rule_selection, threshold_ranks
+from ..moe.selection import SelectionRule
+from .project import augment, threshold_ranks
 
 
 @dataclass
@@ -122,22 +123,6 @@ class GRIPState:
     def load(cls, path) -> "GRIPState":
         data = torch.load(path, map_location="cpu", weights_only=True)
         return cls(**{**data, "layers": [LayerStats.from_dict(d) for d in data["layers"]]})
-
-
-def selection_rule(layer) -> SelectionRule:
-    """The SelectionRule of a grip_core.moe.MoELayer (see project.SelectionRule)."""
-    sb = layer.selection_bias
-    if sb is None:
-        return SelectionRule("logit")
-    sb = sb.detach().float().reshape(-1).cpu().clone()
-    if layer.score_fn == "sigmoid":
-        g = int(getattr(layer.router, "num_group", getattr(layer.router, "n_group", 1)) or 1)
-        tk = int(getattr(layer.router, "topk_group", g) or g)
-        return SelectionRule("sigmoid_bias", sb, g, tk) if layer.family.grouped_topk else SelectionRule("sigmoid_bias", sb)
-    if bool(sb.abs().max() > 0):
-        warnings.warn(f"{layer.family.name}: selection uses {layer.score_fn}(logits) + a nonzero bias; GRIP's "
-                      "margins are taken on the logits and are approximate for this family", stacklevel=3)
-    return SelectionRule("logit")
 
 
 def router_matrix(layer, with_bias: bool | None = None) -> torch.Tensor:
@@ -399,7 +384,7 @@ def _stream_pass(moe, batches: Iterable[dict], positions: list[int], has_bias: l
             chosen = tr.selection_mask(pos)                                  # (n, E)
             accumulate_gram(grams[i], x.double(), chosen)
             counts[i] += chosen.sum(0)
-            agree[i][0] += int((rule_selection(tr.logits[pos], rules[pos], layers[pos].top_k) == chosen).all(1).sum())
+            agree[i][0] += int((rules[pos].select(tr.logits[pos], layers[pos].top_k) == chosen).all(1).sum())
             agree[i][1] += n
             per_layer.append([x.float(), tr.logits[pos], tr.selected[pos]])
         reservoir.add(n, per_layer)
@@ -433,7 +418,7 @@ def fit_retain_statistics(moe, retain_batches: Iterable[dict], config: GRIPConfi
     if per_pass < L and not isinstance(retain_batches, (list, tuple)):
         retain_batches = list(retain_batches)                                # several passes: re-iterable
     has_bias = [l.router_bias is not None for l in layers]
-    rules = [selection_rule(l) for l in layers]
+    rules = [l.selection_rule() for l in layers]
     stream = int(getattr(reduce, "rank", 0))
     # the eigh runs on the model's GPU when there is one (the Grams stay on CPU: bounded GPU memory)
     device = moe.device if getattr(moe.device, "type", "cpu") == "cuda" else None

@@ -16,28 +16,12 @@ Constraint 2 (margin):    lo_ij ≤ u_jᵀx_i ≤ hi_ij  for non-selected j on s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from ..moe.selection import SelectionRule
 
 _INF = float("inf")
 GROUP_TIE = 1e-6   # choice-score gap below which a grouped-top-k row is treated as a tie (frozen)
-
-
-@dataclass
-class SelectionRule:
-    """How a router turns logits into its top-k choice.
-
-    "logit": top-k of the logits (softmax / sigmoid / sparsemixer are monotone, and a router
-             bias is already inside the logits).
-    "sigmoid_bias": DeepSeek-V3 style: choice score c = sigmoid(logit) + selection_bias, top-k
-             inside the `topk_group` best of `num_group` groups (group score = sum of its top 2 c).
-    """
-
-    kind: str = "logit"
-    selection_bias: torch.Tensor | None = None   # (E,) float32, a snapshot taken at fit time
-    num_group: int = 1
-    topk_group: int = 1
 
 
 def augment(x: torch.Tensor, has_bias: bool) -> torch.Tensor:
@@ -49,88 +33,83 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
     return torch.log(p) - torch.log1p(-p)
 
 
+def bounds_logit(l: torch.Tensor, selected: torch.Tensor, sel: torch.Tensor, rule: SelectionRule, eps: float,
+                 hold_selected: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """"logit" rules (top-k of the logits): hi = max(τ − ε, 0), τ = the margin to the weakest selected expert.
+
+    l (M, E) float64 reference scores. lo is None (−inf everywhere) unless hold_selected: then the row's
+    smallest margin is split, β = max(τ_min − ε, 0)/2: selected experts may fall by at most β and
+    non-selected ones rise by at most max(τ − ε − β, 0), so the top-k still holds.
+    """
+    hi = l.gather(1, selected.long()).amin(1, keepdim=True) - l - eps        # (M, E); min over the k selected
+    if not hold_selected:
+        return None, hi.clamp_min_(0.0).masked_fill_(sel, _INF)
+    beta = 0.5 * hi.masked_fill(sel, _INF).amin(1, keepdim=True).clamp_min(0)   # (M, 1)
+    lo = (-beta).expand_as(hi).where(sel, torch.full_like(hi, -_INF))
+    return lo, (hi - beta).clamp_min_(0.0).masked_fill_(sel, _INF)
+
+
+def bounds_sigmoid_bias(l: torch.Tensor, selected: torch.Tensor, sel: torch.Tensor, rule: SelectionRule, eps: float,
+                        hold_selected: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """"sigmoid_bias" rules: the margin is taken in choice-score space c = sigmoid(l) + b and mapped EXACTLY
+    back to logit space (sigmoid is monotone): c_j' ≤ m ⇔ l_j' ≤ logit(m − b_j); ε is then applied in logit
+    space. Grouped top-k adds a sufficient condition: with Γ the gap between the last chosen and the first
+    unchosen group score and δ = Γ/5, experts of unchosen groups may rise by at most δ and non-selected
+    experts of chosen groups may fall by at most δ (in c), so no group score crosses (each moves ≤ 2δ).
+    δ = Γ/5, not Γ/4, so the gap stays strictly positive (≥ Γ/5) when steps are chained. Rows whose group
+    gap is a tie (< GROUP_TIE) are frozen. hold_selected is not supported (selected experts get ±inf).
+    """
+    M, E = l.shape
+    b = rule.selection_bias.to(l).reshape(1, E)                              # (1, E)
+    p = torch.sigmoid(l)
+    c = p + b                                                                # (M, E) choice scores
+    m = c.masked_fill(~sel, _INF).amin(1, keepdim=True)
+    q = m - b                                                                # j ties m where sigmoid = q
+    hi = torch.where(q >= 1, _INF, torch.where(q <= 0, 0.0, _logit(q.clamp(1e-300, 1)) - l - eps))
+    lo = torch.full_like(l, -_INF)
+    if rule.grouped:
+        G, tk = rule.num_group, rule.topk_group
+        gsz = E // G
+        gs = c.view(M, G, gsz).topk(min(2, gsz), dim=-1).values.sum(-1)      # (M, G) group scores
+        top = gs.topk(tk + 1, dim=-1)                                        # sorted, descending
+        chosen_g = torch.zeros(M, G, dtype=torch.bool, device=l.device).scatter_(1, top.indices[:, :tk], True)
+        chosen = chosen_g.repeat_interleave(gsz, dim=1)                      # (M, E)
+        gap = top.values[:, tk - 1] - top.values[:, tk]                      # (M,)
+        ok = (gap > GROUP_TIE) & (sel & ~chosen).sum(1).eq(0)                # rows we can reason about
+        delta = (0.2 * gap).where(ok, torch.zeros_like(gap)).unsqueeze(1)
+        up = torch.where(p + delta >= 1, _INF, _logit((p + delta).clamp(max=1 - 1e-16)) - l)
+        down = torch.where(p - delta <= 0, -_INF, _logit((p - delta).clamp(min=1e-300)) - l)
+        hi = torch.where(chosen, hi, up)
+        lo = torch.where(chosen, down, lo)
+        hi = torch.where(ok.unsqueeze(1), hi, 0.0)                           # ties: freeze the row
+        lo = torch.where(ok.unsqueeze(1), lo, 0.0)
+    return lo.clamp_max(0.0).masked_fill(sel, -_INF), hi.clamp_min(0.0).masked_fill(sel, _INF)
+
+
+BOUNDS = {"logit": bounds_logit, "sigmoid_bias": bounds_sigmoid_bias}   # one function per SelectionRule kind
+
+
 def margin_bounds(logits: torch.Tensor, selected: torch.Tensor, rule: SelectionRule, eps: float,
-                  hold_selected: bool = False, sel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  hold_selected: bool = False, sel: torch.Tensor | None = None,
+                  lo_none: bool = False, cols: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Bounds (lo, hi), each (M, E) float32, on the logit change u_jᵀx_i that keep row i's top-k.
 
     logits (M, E) reference scores, selected (M, k) the reference top-k. Selected experts get
-    (−inf, +inf): constraint 1 holds them. For "logit" rules hi = max(τ − ε, 0), τ = the margin
-    to the weakest selected expert, lo = −inf. For "sigmoid_bias" the same margin is taken in
-    choice-score space and mapped EXACTLY back to logit space (sigmoid is monotone):
-    c_j' ≤ m ⇔ l_j' ≤ logit(m − b_j); ε is then applied in logit space. Grouped top-k adds a
-    sufficient condition: with Γ the gap between the last chosen and the first unchosen group
-    score and δ = Γ/5, experts of unchosen groups may rise by at most δ and non-selected experts
-    of chosen groups may fall by at most δ (in c), so no group score crosses (each moves ≤ 2δ).
-    δ = Γ/5, not Γ/4, so the gap stays strictly positive (≥ Γ/5) when steps are chained.
-
-    hold_selected (relative threshold, where constraint 1 is approximate; "logit" rules only):
-    split the row's smallest margin, β = max(τ_min − ε, 0)/2: selected experts may fall by at most
-    β and non-selected ones rise by at most max(τ − ε − β, 0), so the top-k still holds.
-
+    (−inf, +inf) (constraint 1 holds them) unless hold_selected (relative threshold, where constraint 1
+    is approximate; "logit" rules only). The rule's kind picks its function in BOUNDS (see each).
     sel (optional): the (M, E) bool mask of `selected`, for callers that cache it (it is constant per row).
+    lo_none: return lo = None where it is −inf everywhere (the α-scaling then skips the lower test).
+    cols (optional, long (C,)): the bounds of these experts only, (M, C).
     """
     l = logits.double()                                                      # (M, E)
-    M, E = l.shape
     if sel is None:
-        sel = torch.zeros(M, E, dtype=torch.bool, device=l.device).scatter_(1, selected.long(), True)
-    if rule.kind == "logit" and not hold_selected:
-        # fast path (the adapter's default): lo is −inf everywhere, hi as below; min over the k selected
-        # logits by gather (same value as a masked amin over E, without the (M, E) temporaries)
-        hi = l.gather(1, selected.long()).amin(1, keepdim=True) - l - eps   # (M, E)
-        return (torch.full((M, E), -_INF, dtype=torch.float32, device=l.device),
-                hi.clamp_min_(0.0).masked_fill_(sel, _INF).float())
-    lo = torch.full_like(l, -_INF)
-    if rule.kind == "logit":
-        m = l.gather(1, selected.long()).amin(1, keepdim=True)              # (M, 1) weakest selected
-        hi = m - l - eps
-        if hold_selected:
-            beta = 0.5 * hi.masked_fill(sel, _INF).amin(1, keepdim=True).clamp_min(0)   # (M, 1)
-            hi = hi - beta
-            lo = (-beta).expand(M, E).where(sel, lo)
-    elif rule.kind == "sigmoid_bias":
-        b = rule.selection_bias.to(l).reshape(1, E)                          # (1, E)
-        p = torch.sigmoid(l)
-        c = p + b                                                            # (M, E) choice scores
-        m = c.masked_fill(~sel, _INF).amin(1, keepdim=True)
-        q = m - b                                                            # j ties m where sigmoid = q
-        hi = torch.where(q >= 1, _INF, torch.where(q <= 0, 0.0, _logit(q.clamp(1e-300, 1)) - l - eps))
-        G, tk = rule.num_group, rule.topk_group
-        if G > 1 and tk < G:
-            gsz = E // G
-            gs = c.view(M, G, gsz).topk(min(2, gsz), dim=-1).values.sum(-1)  # (M, G) group scores
-            top = gs.topk(tk + 1, dim=-1)                                    # sorted, descending
-            chosen_g = torch.zeros(M, G, dtype=torch.bool, device=l.device).scatter_(1, top.indices[:, :tk], True)
-            chosen = chosen_g.repeat_interleave(gsz, dim=1)                  # (M, E)
-            gap = top.values[:, tk - 1] - top.values[:, tk]                  # (M,)
-            ok = (gap > GROUP_TIE) & (sel & ~chosen).sum(1).eq(0)            # rows we can reason about
-            delta = (0.2 * gap).where(ok, torch.zeros_like(gap)).unsqueeze(1)
-            up = torch.where(p + delta >= 1, _INF, _logit((p + delta).clamp(max=1 - 1e-16)) - l)
-            down = torch.where(p - delta <= 0, -_INF, _logit((p - delta).clamp(min=1e-300)) - l)
-            hi = torch.where(chosen, hi, up)
-            lo = torch.where(chosen, down, lo)
-            hi = torch.where(ok.unsqueeze(1), hi, 0.0)                       # ties: freeze the row
-            lo = torch.where(ok.unsqueeze(1), lo, 0.0)
-    else:
-        raise ValueError(f"unknown selection rule {rule.kind!r}")
-    hold = hold_selected and rule.kind == "logit"
-    hi = hi.clamp_min(0.0).masked_fill(sel, _INF)
-    lo = lo.clamp_max(0.0) if hold else lo.clamp_max(0.0).masked_fill(sel, -_INF)
-    return lo.float(), hi.float()
-
-
-def rule_selection(logits: torch.Tensor, rule: SelectionRule, k: int) -> torch.Tensor:
-    """(M, E) bool: the top-k the rule predicts from logits (fit checks it against the router)."""
-    M, E = logits.shape
-    score = logits.double()
-    if rule.kind == "sigmoid_bias":
-        score = torch.sigmoid(score) + rule.selection_bias.to(score).reshape(1, E)
-        G, tk = rule.num_group, rule.topk_group
-        if G > 1 and tk < G:
-            gs = score.view(M, G, E // G).topk(min(2, E // G), dim=-1).values.sum(-1)
-            keep = torch.zeros_like(gs, dtype=torch.bool).scatter_(1, gs.topk(tk, dim=-1).indices, True)
-            score = score.masked_fill(~keep.repeat_interleave(E // G, dim=1), -_INF)
-    idx = score.topk(k, dim=-1).indices
-    return torch.zeros(M, E, dtype=torch.bool, device=logits.device).scatter_(1, idx, True)
+        sel = torch.zeros(l.shape, dtype=torch.bool, device=l.device).scatter_(1, selected.long(), True)
+    lo, hi = BOUNDS[rule.kind](l, selected, sel, rule, eps, hold_selected and rule.kind == "logit")
+    if cols is not None:
+        lo, hi = (None if lo is None else lo[:, cols]), hi[:, cols]
+    if lo is None and not lo_none:
+        lo = torch.full_like(hi, -_INF)
+    return (None if lo is None else lo.float()), hi.float()
 
 
 def threshold_ranks(evals: torch.Tensor, kind: str, eps_null: float, energy: float) -> torch.Tensor:
@@ -173,6 +152,20 @@ def alpha_scale(V: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor,
         under = V < lo - slack
         ratio = torch.where(under, lo / V, ratio)
     return ratio.amin(0).clamp(0.0, 1.0)
+
+
+def alpha_logit_rows(ST: torch.Tensor, selected: torch.Tensor, selT: torch.Tensor, cols: torch.Tensor,
+                     VT: torch.Tensor, eps: float) -> torch.Tensor:
+    """α-scaling for "logit" rules (hold_selected off) in expert-major layout: the adapter's per-step fast path.
+
+    ST (E, M) scores before the step, selected (M, k), selT (E, M) bool mask of it, cols (C,) long the
+    experts that move, VT (C, M) = their u_jᵀx_i. Same numbers as alpha_scale(VT.T, None, margin_bounds(..)[1][:, cols])
+    but every operand is a contiguous block of rows (column slices of (M, E) tensors are strided gathers on CPU).
+    Returns α (C,).
+    """
+    m = ST.gather(0, selected.T.long()).amin(0, keepdim=True)               # (1, M) weakest selected score
+    hi = (m - ST[cols] - eps).clamp_min_(0.0).masked_fill_(selT[cols], _INF)   # (C, M)
+    return torch.where(VT > hi, hi / VT, _INF).amin(1).clamp(0.0, 1.0)
 
 
 def margin_scale(u: torch.Tensor, X: torch.Tensor, lo: torch.Tensor | None,

@@ -31,15 +31,22 @@ class FamilySpec:
     weight_attr: str = "weight"               # dotted path from the router to its weight
     selection_bias_attr: str | None = None    # dotted path to a selection-only bias
     shared_expert_attrs: tuple[str, ...] = field(default_factory=tuple)
-    grouped_topk: bool = False
+    selection: str = "logit"                  # selection rule kind (grip_core/moe/selection.py): "logit" =
+                                              # top-k of the logits; "sigmoid_bias" = top-k of sigmoid + bias
+    group_attrs: tuple[str, str] | None = None  # router attributes (num groups, groups kept): grouped top-k
     tested: str = ""                          # how the test suite checks it (README table)
 
     def matches_router(self, class_name: str) -> bool:
         return re.search(self.router_class, class_name) is not None
 
+    @property
+    def grouped_topk(self) -> bool:
+        """Top-k inside the best groups of experts (DeepSeek-V3)."""
+        return self.group_attrs is not None
 
-_DEEPSEEK_LIKE = dict(score_fn="sigmoid", selection_bias_attr="e_score_correction_bias",
-                      shared_expert_attrs=("shared_experts",), grouped_topk=True)
+
+_DEEPSEEK_LIKE = dict(score_fn="sigmoid", selection_bias_attr="e_score_correction_bias", selection="sigmoid_bias",
+                      shared_expert_attrs=("shared_experts",), group_attrs=("num_group", "topk_group"))
 
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("Mixtral", ("mixtral",), tested="tiny random, trace == router_logits"),

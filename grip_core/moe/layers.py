@@ -8,6 +8,7 @@ be found the same way.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from .errors import NotAnMoEModelError, UnsupportedRouterError
 from .families import FamilySpec, family_for, get_attr_path
+from .selection import SelectionRule
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(?:\.|$)")
 _TOP_K_NAMES = ("top_k", "num_experts_per_tok", "moe_topk", "moe_k")
@@ -63,6 +65,23 @@ class MoELayer:
     @property
     def score_fn(self) -> str:
         return self.family.score_fn
+
+    def selection_rule(self) -> SelectionRule:
+        """How this router picks its top-k (the family row's `selection` / `group_attrs`); the selection bias
+        and group sizes are SNAPSHOT now (float32 CPU copy)."""
+        sb = self.selection_bias
+        if self.family.selection == "logit" or sb is None:
+            if sb is not None and bool(sb.abs().max() > 0):
+                warnings.warn(f"{self.family.name}: selection uses {self.score_fn}(logits) + a nonzero bias; GRIP's "
+                              "margins are taken on the logits and are approximate for this family", stacklevel=3)
+            return SelectionRule("logit")
+        groups = (1, 1)
+        if self.family.group_attrs:
+            groups = tuple(getattr(self.router, a, None) for a in self.family.group_attrs)
+            if not all(isinstance(g, int) and g > 0 for g in groups):
+                raise UnsupportedRouterError(self.family.name, self.router_path,
+                                             f"grouped top-k without integer {self.family.group_attrs} on the router")
+        return SelectionRule(self.family.selection, sb.detach().float().reshape(-1).cpu().clone(), *groups)
 
     def describe(self) -> dict:
         """A JSON-able summary (the dashboard's architecture table)."""

@@ -7,6 +7,7 @@ import time
 from typing import Callable
 
 from ..grip import GRIPConfig
+from ..grip.config import MODES
 from ..moe import MoEModel
 from .config import RunConfig
 from .data import UnlearningData
@@ -16,14 +17,8 @@ from .pair import run_jobs
 from .presets import DEFAULT_PRESET, get_preset
 from .verdict import verdict
 
-# CLI/UI names of GRIP modes -> GRIPConfig overrides ("drift" = update mode + drift correction every 10 steps)
-GRIP_MODES: dict[str, dict] = {
-    "off": {"mode": "off"},
-    "update": {"mode": "update"},
-    "gradient": {"mode": "gradient"},
-    "drift": {"mode": "update", "drift_every": 10},
-    "update-relative": {"mode": "update", "threshold_kind": "relative"},
-}
+# CLI/UI names of GRIP modes -> GRIPConfig overrides (the registry: grip_core.grip.config.MODES)
+GRIP_MODES: dict[str, dict] = {name: dict(m.overrides) for name, m in MODES.items()}
 
 TABLE_COLUMNS = ["method", "grip", "status", "steps", "forget_em", "retain_em", "holdout_em", "membership_auc",
                  "retain_stability", "retain_stability_router_only", "retain_stability_drift_only", "forget_shift",
