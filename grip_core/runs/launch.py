@@ -118,6 +118,8 @@ def _pool(fn, args, workers, on_result):
             out.append(r.get())                     # raises the task's exception
             if on_result:
                 on_result(out[-1])
+        pool.close()                                # let the workers exit cleanly (a terminate() leaks semaphores)
+        pool.join()
         return out
 
 
