@@ -221,7 +221,7 @@ def test_main_path(server):
             _wait_idle(page)
             expect(page.get_by_label("Unlearned checkpoint directory")).to_have_value(str(grip_run / "model"))
             t_dg = time.time()
-            page.get_by_role("button", name="Diagnose").click()
+            page.get_by_role("button", name="Diagnose", exact=True).click()
             _wait_idle(page, timeout_ms=300_000)
             expect(page.get_by_text("Diagnosis complete").first).to_be_visible(timeout=300_000 * SLOW)
             timings["diagnose_s"] = time.time() - t_dg
