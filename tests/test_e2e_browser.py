@@ -219,7 +219,7 @@ def test_main_path(server):
             page.get_by_role("combobox", name="Saved run to diagnose").click()
             page.get_by_role("option", name=re.compile(re.escape(grip_run.name))).click()
             _wait_idle(page)
-            expect(page.get_by_label("Unlearned checkpoint directory")).to_have_value(str(grip_run / "model"))
+            expect(page.get_by_role("textbox", name="Unlearned checkpoint directory")).to_have_value(str(grip_run / "model"))
             t_dg = time.time()
             page.get_by_role("button", name="Diagnose", exact=True).click()
             _wait_idle(page, timeout_ms=300_000)
