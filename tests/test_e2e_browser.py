@@ -216,13 +216,12 @@ def test_main_path(server):
             grip_run = next(d for d in run_dirs if load_run(d).config["grip"]["mode"] != "off")
             page.get_by_role("link", name="Diagnose").click()
             _wait_idle(page)
-            page.get_by_test_id("stSelectbox").filter(has_text="Saved run to diagnose").locator(
-                "div[data-baseweb='select']").click()
+            page.get_by_role("combobox", name="Saved run to diagnose").click()
             page.get_by_role("option", name=re.compile(re.escape(grip_run.name))).click()
             _wait_idle(page)
-            expect(page.get_by_label("Unlearned checkpoint directory")).to_have_value(str(grip_run / "model"))
+            expect(page.get_by_role("textbox", name="Unlearned checkpoint directory")).to_have_value(str(grip_run / "model"))
             t_dg = time.time()
-            page.get_by_role("button", name="Diagnose").click()
+            page.get_by_role("button", name="Diagnose", exact=True).click()
             _wait_idle(page, timeout_ms=300_000)
             expect(page.get_by_text("Diagnosis complete").first).to_be_visible(timeout=300_000 * SLOW)
             timings["diagnose_s"] = time.time() - t_dg

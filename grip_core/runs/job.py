@@ -6,7 +6,8 @@ of the model, the base model's probes unless a shared `Baseline` is given, the o
 it returns False) and `finish` (the final probes and the saved report). Every phase reports
 `JobProgress` events (phase name + fraction) and polls the cancel flag: between steps, between
 the GRIP fit's retain batches, and inside the probes at every forward pass of the model (a
-forward pre-hook), so a cancel acts within one forward pass in every phase. `run_unlearning` runs
+forward pre-hook), so a cancel acts within one forward pass, one training step or one fit batch
+(the model copy and the fit's per-expert eigendecompositions run to their end). `run_unlearning` runs
 the four phases in a row; grip_core/runs/pair.py interleaves two jobs (vanilla + GRIP) step by step.
 
 The loaded base model is never mutated: the job trains a deep copy (or, with `owned=True`, a
