@@ -86,6 +86,11 @@ st.download_button("Download this comparison as one HTML page", data=lambda: viz
 CAPTIONS = {
     "Routing shift per layer and expert": "Retain tokens: what should NOT move; forget tokens: what unlearning moved. "
                                           "One colour scale for every heatmap of a row.",
+    "Did it really forget? Attacks and where the update landed":
+        "The update ledger (every run has one): the share of ‖ΔΘ‖² on routers, routed experts, shared experts, "
+        "attention, embeddings and norms. The attack matrix appears once a run kept its weights and was attacked "
+        "(`python -m grip_core attack --base demo --run RUN_DIR`): colour = share of the forgotten answers each "
+        "attack brought back; hover for the numbers.",
     "GRIP null-space rank": "How many directions each router row may still move in under GRIP's equality "
                             "constraint. 0 = the row is frozen; the threshold decides whether GRIP is plastic at all.",
 }
@@ -135,5 +140,3 @@ with st.expander("Run configurations"):
         col.markdown(f"**{n}** — `{Path(r.path).name}`")
         col.json(r.config, expanded=False)
 
-from app.views._robustness import render_robustness  # noqa: E402
-render_robustness([r.path for r in loaded], key="cmp")

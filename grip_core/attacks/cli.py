@@ -70,6 +70,10 @@ def cmd_attack(args) -> int:
                       config=config, progress=lambda n: print(f"attack: {n} ...", file=sys.stderr))
     out = save_robustness(args.run, rows)
     save_ledger(args.run, ledger)
+    if run.report is not None:            # the run report carries them too (Compare and the HTML export read it)
+        from ..runs.store import atomic_write_json
+        run.report.robustness, run.report.ledger = rows, ledger
+        atomic_write_json(Path(args.run) / "summary.json", run.report.to_dict())
     print(format_rows(rows))
     print(f"wrote {out} and {Path(args.run) / 'ledger.json'}")
     return 0

@@ -218,7 +218,5 @@ def load_ledger(run_dir: str | Path) -> list[dict] | None:
 
 def ledger_summary(rows: list[dict]) -> dict[str, float]:
     """Share of the update by group (summed over layers and experts), every group present (0 where none)."""
-    out = dict.fromkeys(GROUPS, 0.0)
-    for r in rows:
-        out[r["group"]] = out.get(r["group"], 0.0) + float(r["share"])
-    return out
+    from ..viz.robustness import ledger_shares   # the one sum (plain data: the figures use it too)
+    return ledger_shares(rows)

@@ -157,7 +157,8 @@ def cell_config(spec: dict):
     return config
 
 
-_NOT_NUMBERS = ("label", "model", "save_weights", "weights_format", "data_files")   # RunConfig fields for the record
+_NOT_NUMBERS = ("label", "preset", "model", "save_weights", "weights_format", "data_files")  # for the record only
+# ("preset" names the regime; the scope and method_args it set are hashed)
 
 
 def cell_key(spec: dict) -> dict:

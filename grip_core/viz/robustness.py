@@ -25,6 +25,17 @@ ATTACK_NAMES = {"restoration": "restore routers", "expert_forcing": "expert forc
                 "quant_int4": "INT4", "paraphrase": "paraphrase"}
 GROUP_NAMES = {"router": "routers", "routed_expert": "routed experts", "shared_expert": "shared experts",
                "attention": "attention", "embedding": "embeddings", "norm": "norms", "other": "other"}
+
+
+def ledger_shares(rows: Sequence[Mapping]) -> dict[str, float]:
+    """Share of the update by group (summed over layers and experts), every group present (0 where none):
+    an update ledger's rows (grip_core.attacks.ledger) -> {group: share}. Pure Python."""
+    out = dict.fromkeys(GROUP_NAMES, 0.0)
+    for r in rows:
+        out[r["group"]] = out.get(r["group"], 0.0) + float(r["share"])
+    return out
+
+
 GROUP_COLORS = {"router": ROUTER, "routed_expert": "#0072B2", "shared_expert": "#56B4E9", "attention": "#009E73",
                 "embedding": "#E69F00", "norm": BASE, "other": "#000000"}
 

@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .report import grip_mode, null_space_ranks, run_layer_series, run_names, step_log_with_base
+from .robustness import ledger_bars, ledger_expert_heatmap, ledger_shares, robustness_heatmap
 from .routing import nullspace_heatmap, routing_shift_heatmap, shared_shift_range
 from .style import BASE, STABILITY_TARGET, apply_style, run_color
 
@@ -197,7 +198,8 @@ class CompareFigure(NamedTuple):
 
 
 COMPARE_SECTIONS = ("Routing shift per layer and expert", "Stability and selection shift",
-                    "Router or input drift? (attribution)", "GRIP null-space rank", "Training curves")
+                    "Router or input drift? (attribution)", "GRIP null-space rank", "Training curves",
+                    "Did it really forget? Attacks and where the update landed")
 
 
 def compare_figures(runs: Sequence, names: Sequence[str] | None = None) -> list[CompareFigure]:
@@ -258,6 +260,18 @@ def compare_figures(runs: Sequence, names: Sequence[str] | None = None) -> list[
     if logs:
         add(training_curves(logs, colors=colors, title="Training curves (from the step logs)"),
             COMPARE_SECTIONS[4], "training-curves")
+    section = COMPARE_SECTIONS[5]
+    reports = [(n, r.report) for n, r in zip(names, runs) if r.report is not None]
+    attacked = [{"label": n, "robustness": rep.robustness} for n, rep in reports if rep.robustness]
+    if attacked:
+        add(robustness_heatmap(attacked), section, "robustness-matrix")
+    ledgers = [(n, rep.ledger) for n, rep in reports if rep.ledger]
+    if ledgers:
+        add(ledger_bars([{"label": n, "ledger": ledger_shares(rows)} for n, rows in ledgers]), section, "update-ledger")
+        for i, (n, rows) in enumerate(ledgers):
+            if any(row.get("group") == "routed_expert" for row in rows):
+                add(ledger_expert_heatmap(rows, title=n, subtitle="routed experts' share of ‖ΔΘ‖² per layer and expert"),
+                    section, f"ledger-experts-{i}", n)
     return out
 
 
