@@ -260,18 +260,18 @@ def compare_figures(runs: Sequence, names: Sequence[str] | None = None) -> list[
     if logs:
         add(training_curves(logs, colors=colors, title="Training curves (from the step logs)"),
             COMPARE_SECTIONS[4], "training-curves")
-    section = COMPARE_SECTIONS[5]
+    section = COMPARE_SECTIONS[5]       # per-run figures first, then shared ones (the page's order in a section)
     reports = [(n, r.report) for n, r in zip(names, runs) if r.report is not None]
+    ledgers = [(n, rep.ledger) for n, rep in reports if rep.ledger]
+    for i, (n, rows) in enumerate(ledgers):
+        if any(row.get("group") == "routed_expert" for row in rows):
+            add(ledger_expert_heatmap(rows, title=n, subtitle="routed experts' share of ‖ΔΘ‖² per layer and expert"),
+                section, f"ledger-experts-{i}", n)
     attacked = [{"label": n, "robustness": rep.robustness} for n, rep in reports if rep.robustness]
     if attacked:
         add(robustness_heatmap(attacked), section, "robustness-matrix")
-    ledgers = [(n, rep.ledger) for n, rep in reports if rep.ledger]
     if ledgers:
         add(ledger_bars([{"label": n, "ledger": ledger_shares(rows)} for n, rows in ledgers]), section, "update-ledger")
-        for i, (n, rows) in enumerate(ledgers):
-            if any(row.get("group") == "routed_expert" for row in rows):
-                add(ledger_expert_heatmap(rows, title=n, subtitle="routed experts' share of ‖ΔΘ‖² per layer and expert"),
-                    section, f"ledger-experts-{i}", n)
     return out
 
 
