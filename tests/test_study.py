@@ -173,3 +173,27 @@ def test_committed_cells_have_current_ids_and_full_records():
     assert f"{cov['present']} of {cov['total']} cells" in text
     readme = (REPO / "README.md").read_text()
     assert f"{cov['present']} of {cov['total']} cells" in readme
+
+
+def test_legacy_cells_migrate_to_ids_without_rerunning_and_rekey(tiny_study, tmp_path):
+    from grip_core.runs.study import LEGACY_SETTINGS, migrate_legacy_cells, rekey_cells
+
+    out, _ = tiny_study
+    (update,) = [p for p in cell_index(out / "cells").values() if "update" in p.name]
+    old = {k: v for k, v in json.loads(update.read_text()).items() if k not in ("id", "name", "spec", "key", "manifest")}
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    (cells / "domain__shortcut__ga__update__0.json").write_text(json.dumps(old))
+    (cells / "domain__experts+routers__ga__update__0.json").write_text(json.dumps({**old, "regime": "experts+routers"}))
+    (cells / "domain__shortcut__ga__lr.json").write_text(json.dumps({"lr": 1e-4}))
+    assert migrate_legacy_cells(cells) == {"cells": 1, "lr": 1, "alias": 1}
+    (path,) = cell_index(cells).values()
+    cell = json.loads(path.read_text())
+    assert cell["spec"]["eval_examples"] == LEGACY_SETTINGS["eval_examples"] and cell["id"] == cell_id(cell["spec"])
+    assert cell["forget_em"] == old["forget_em"] and "not read from the cell" in cell["migrated"]["note"]
+    assert cell["manifest"]["git_commit"] is None and len(list(cells.glob("lr__*.json"))) == 1
+    assert (cells / "alias__domain__experts+routers__ga__update__0.json").is_file()
+    stale = path.with_name(f"{cell['name']}--0000000000000000.json")       # an id from an older config layout
+    path.rename(stale)
+    stale.write_text(json.dumps({**cell, "id": "0000000000000000"}))
+    assert rekey_cells(cells) == 1 and cell_index(cells) == {cell["id"]: path}
