@@ -86,8 +86,8 @@ def reproduce_run(path: Path, runs_dir: Path | None = None) -> tuple[dict, dict]
     moe = load_model(config.model, dtype=dtype, device="cpu" if "cuda" not in str(manifest.get("device")) else "auto")
     with tempfile.TemporaryDirectory() as tmp:
         result = run_unlearning(moe, config, UnlearningData.for_config(config), runs_dir=runs_dir or tmp)
-    now = json.loads(json.dumps({"summary": result.summary, "steps": result.step_log}, default=_json_default))
-    return {"summary": run.summary, "steps": run.steps}, now      # both as JSON (tuples saved as lists)
+    as_json = lambda summary, steps: json.loads(json.dumps({"summary": summary, "steps": steps}, default=_json_default))
+    return as_json(run.summary, run.steps), as_json(result.summary, result.step_log)   # both as JSON (tuples -> lists)
 
 
 def reproduce(path: Path, tolerance: float = 0.0) -> list[tuple[str, list]]:
