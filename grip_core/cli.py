@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parallel processes, one torch thread each (0: one per core; 1: in this process)")
     p.add_argument("--eval-every", type=int, default=0,
                    help="steps between stability / EM checks logged per run (0: only the final evaluation)")
-    p.add_argument("--final-eval-examples", type=int, default=120,
-                   help="examples per split in the final probes (the study uses 200; 0 = all)")
+    p.add_argument("--final-eval-examples", type=int, default=d.final_eval_examples,
+                   help=f"examples per split in the final probes (default: RunConfig's, {d.final_eval_examples}; "
+                        "the study uses 200; 0 = all)")
 
     p = sub.add_parser("run", help="one unlearning job from a JSON RunConfig (or flags)")
     _add_common(p)
