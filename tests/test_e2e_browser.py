@@ -228,6 +228,14 @@ def test_main_path(server):
             assert page.get_by_text("Could not diagnose").count() == 0
             _shot(page, "6-diagnose")
             assert page.locator("[data-testid='stException']").count() == 0
+
+            # 8 — findings: the committed study opens with its coverage and figures
+            page.get_by_role("link", name="Findings").click()
+            _wait_idle(page)
+            expect(page.get_by_text(re.compile(r"\d+ of \d+ cells")).first).to_be_visible(timeout=60_000 * SLOW)
+            expect(page.locator(".stPlotlyChart").first).to_be_visible(timeout=60_000 * SLOW)
+            _shot(page, "7-findings")
+            assert page.locator("[data-testid='stException']").count() == 0
             assert not errors, errors
             print(f"\nE2E timings: {timings}\nscreenshots: {ARTIFACTS}")
         except BaseException:
