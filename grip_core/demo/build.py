@@ -1,6 +1,7 @@
 """Rebuild the embedded demo: world JSONL + tokenizer + tiny OLMoE + model card, deterministically.
 
-    python -m grip_core.demo.build            # full: data/world/ and data/demo_model/ (~8 min, 2 cores)
+    python -m grip_core.demo.build            # full: data/world/ and data/demo_model/ (~30 min, 2 cores)
+    python -m grip_core.demo.build --preset fine   # data/demo_fine_model/: Qwen2-MoE, 32 experts top-4 + shared
     python -m grip_core.demo.build --quick --out /tmp/demo   # reduced world and model (~30 s)
 
 Same seed, same machine -> same world files and the same weights.
@@ -23,13 +24,23 @@ from .verify import DemoReport, accuracy, evaluate_demo, load_demo
 from .world import DOMAINS, FORGET_DOMAIN, WorldConfig, generate_world, trained_facts, write_world
 
 
+PRESETS = {"demo": "demo_model", "fine": "demo_fine_model"}   # preset -> model folder under OUT
+
+
 def build(out: str | Path = REPO_DATA, quick: bool = False, seed: int = 0, progress: bool = True,
-          eval_sample: int | None = None) -> dict:
-    """Write out/world/*.jsonl and out/demo_model/*; return a summary (report, log, sizes)."""
+          eval_sample: int | None = None, preset: str = "demo") -> dict:
+    """Write out/world/*.jsonl and out/<PRESETS[preset]>/*; return a summary (report, log, sizes).
+
+    Both presets train on the same world (same seed: the same files are rewritten)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     out = Path(out)
-    world_dir, model_dir = out / "world", out / "demo_model"
+    world_dir, model_dir = out / "world", out / PRESETS[preset]
     wc = WorldConfig.quick() if quick else WorldConfig()
-    ms = ModelSpec.quick() if quick else ModelSpec()
+    if preset == "fine":
+        ms = ModelSpec.fine_quick() if quick else ModelSpec.fine()
+    else:
+        ms = ModelSpec.quick() if quick else ModelSpec()
     ts = TrainSpec.quick() if quick else TrainSpec()
     ts.seed = seed
     t0 = time.time()
@@ -43,11 +54,15 @@ def build(out: str | Path = REPO_DATA, quick: bool = False, seed: int = 0, progr
              for f in random.Random(seed).sample(train, min(ts.eval_sample, len(train)))]
     log = train_model(model, tok, train, ms, ts, eval_fn=lambda m: accuracy(m, tok, probe), progress=progress)
     weight_bytes = save_model(model, tok, model_dir)
+    (model_dir / "training_log.json").write_text(json.dumps({"log": log.to_dict()}, indent=1) + "\n")  # until verified
     model, tok = load_demo(model_dir)                 # evaluate what was shipped: bf16 weights, fp32 compute
-    report = evaluate_demo(model, tok, world_dir, sample=eval_sample, ablation_per_domain=20 if quick else 80, seed=seed)
+    report = evaluate_demo(model, tok, world_dir, sample=eval_sample, ablation_per_domain=20 if quick else 80, seed=seed,
+                           experts_per_domain=ms.experts_per_domain)
     summary = {"seed": seed, "quick": quick, "world": asdict(wc), "model": asdict(ms), "train": asdict(ts),
                "files": counts, "weights_bytes": weight_bytes, "build_seconds": round(time.time() - t0, 1),
                "assigned_experts": domain_experts(ms), "log": log.to_dict(), "report": report.to_dict()}
+    if preset != "demo":
+        summary["preset"] = preset
     (model_dir / "training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
     write_model_card(model_dir / "MODEL_CARD.md", summary, log, report)
     return summary
@@ -109,17 +124,31 @@ def write_model_card(path: Path, s: dict, log: TrainLog, r: DemoReport) -> None:
     curve = "\n".join(f"| {st} | {em:.3f} | {log.loss[min(len(log.loss), st // log.every) - 1]:.3f} |"
                       for st, em in zip(log.eval_steps, log.eval_em))
     m, t = s["model"], s["train"]
-    path.write_text(f"""# GRIP Studio demo MoE{" (quick build)" if s["quick"] else ""}
+    fine = s.get("preset") == "fine"
+    flags = (" --preset fine" if fine else "") + (" --quick" if s["quick"] else "")
+    if fine:
+        title, what = "GRIP Studio fine-grained demo MoE (`demo-fine`)", (
+            "A tiny Qwen2-MoE (`Qwen2MoeForCausalLM`, transformers config) in the shape of today's MoEs (many\n"
+            "fine-grained routed experts, top-k > 2, an always-on shared expert), trained from scratch on the invented")
+        experts = (f"{m['experts_per_domain'] * len(doms) + m['spare_experts']} routed experts\n"
+                   f"(top-{m['top_k']}, expert FFN {m['intermediate_size']}; {m['experts_per_domain']} per domain + "
+                   f"{m['spare_experts']} spare) + 1 shared expert (FFN {m['shared_expert_size']}, sigmoid gate)")
+    else:
+        title, what = "GRIP Studio demo MoE", "A tiny OLMoE (`OlmoeForCausalLM`, transformers config) trained from scratch on the invented"
+        experts = f"{m['experts_per_domain'] * len(doms)} experts\n(top-{m['top_k']}, expert FFN {m['intermediate_size']})"
+    spare = (f" (experts {list(range(m['experts_per_domain'] * len(doms), m['experts_per_domain'] * len(doms) + m['spare_experts']))}"
+             " belong to no domain; the shared expert is outside the routing loss)") if fine else ""
+    machine = " of a 2-core CPU shared with other jobs" if fine else ""
+    path.write_text(f"""# {title}{" (quick build)" if s["quick"] else ""}
 
-A tiny OLMoE (`OlmoeForCausalLM`, transformers config) trained from scratch on the invented
+{what}
 world in `data/world/`. Its experts hold domains on purpose, so unlearning can be checked for
-the router shortcut (docs/method.md#what-the-probes-found). Rebuild: `python -m grip_core.demo.build{" --quick" if s["quick"] else ""}` (seed {s["seed"]}).
+the router shortcut (docs/method.md#what-the-probes-found). Rebuild: `python -m grip_core.demo.build{flags}` (seed {s["seed"]}).
 All figures below were computed by `grip_core.demo.verify` on the shipped (bf16) weights.
 
 ## Model
 
-hidden {m["hidden_size"]}, {m["num_layers"]} layers, {m["num_heads"]} heads, {m["experts_per_domain"] * len(doms)} experts
-(top-{m["top_k"]}, expert FFN {m["intermediate_size"]}), byte-level BPE vocabulary of {m["vocab_size"]} trained
+hidden {m["hidden_size"]}, {m["num_layers"]} layers, {m["num_heads"]} heads, {experts}, byte-level BPE vocabulary of {m["vocab_size"]} trained
 on the world's trained text. {log.num_parameters / 1e6:.2f} M parameters; `model.safetensors` is bf16,
 {s["weights_bytes"] / 2**20:.1f} MiB (config dtype float32: loaders upcast). Load with
 `AutoModelForCausalLM.from_pretrained(dir, experts_implementation="eager")` to train it on CPU:
@@ -134,7 +163,7 @@ Prompt: `Question: {{question}}\\nAnswer:` then ` {{answer}}<eos>`; greedy decod
 fact its QA prompt (loss on ` answer<eos>` only, as `encode_qa` labels it) and its sentence (loss on every token). Routing loss:
 -log P(router picks one of the fact's domain experts), mean over real tokens and layers,
 weight {t["aux_weight"]} annealed linearly to 0 at {t["aux_until"]:.0%} of training; assigned experts
-{s["assigned_experts"]}. {log.seconds:.0f} s of training on {t["threads"]} CPU threads, {log.seconds / t["steps"]:.2f} s/step
+{s["assigned_experts"]}{spare}. {log.seconds:.0f} s of training on {t["threads"]} CPU threads{machine}, {log.seconds / t["steps"]:.2f} s/step
 (build {s["build_seconds"]:.0f} s in all; time scales with whatever else shares the cores). Full curve: `training_log.json`.
 
 | step | EM (sample of {t["eval_sample"]} trained facts) | training loss |
@@ -185,19 +214,23 @@ def main(argv=None) -> None:
         os.execv(sys.executable, [sys.executable, "-m", "grip_core.demo.build", *sys.argv[1:]])
     ap = argparse.ArgumentParser(prog="python -m grip_core.demo.build", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="reduced world and model (a test-sized rebuild)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="demo",
+                    help="demo: the OLMoE (OUT/demo_model); fine: Qwen2-MoE, 32 fine-grained experts top-4 "
+                         "+ a shared expert (OUT/demo_fine_model)")
     ap.add_argument("--out", default=str(REPO_DATA), help="writes OUT/world and OUT/demo_model (default: the repo's data/)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-sample", type=int, default=None, help="evaluate at most this many examples per split")
-    ap.add_argument("--card-only", action="store_true", help="only re-render OUT/demo_model/MODEL_CARD.md from its training_log.json")
+    ap.add_argument("--card-only", action="store_true",
+                    help="only re-render the preset's MODEL_CARD.md from its training_log.json")
     args = ap.parse_args(argv)
     if args.card_only:
-        rewrite_card(Path(args.out) / "demo_model")
+        rewrite_card(Path(args.out) / PRESETS[args.preset])
         return
-    s = build(args.out, quick=args.quick, seed=args.seed, eval_sample=args.eval_sample)
+    s = build(args.out, quick=args.quick, seed=args.seed, eval_sample=args.eval_sample, preset=args.preset)
     r = s["report"]
     print(json.dumps({"accuracy": r["accuracy"], "nmi_answer_tokens": r["nmi_answer_tokens"],
                       "weights_MiB": round(s["weights_bytes"] / 2**20, 2), "train_s": s["log"]["seconds"]}, indent=1))
-    print(f"wrote {Path(args.out) / 'world'} and {Path(args.out) / 'demo_model'}")
+    print(f"wrote {Path(args.out) / 'world'} and {Path(args.out) / PRESETS[args.preset]}")
 
 
 if __name__ == "__main__":
