@@ -34,7 +34,7 @@ def load_kwargs(args) -> dict:
 
 
 def _add_common(p: argparse.ArgumentParser, scenario: bool = True) -> None:
-    p.add_argument("--model", default="demo", help='"demo" or a local checkpoint directory')
+    p.add_argument("--model", default="demo", help='"demo", "demo-fine" or a local checkpoint directory')
     _add_load_args(p)
     if scenario:
         p.add_argument("--scenario", default="domain", choices=["domain", "entities"])

@@ -86,6 +86,21 @@ class TrainSpec:
 
 
 @dataclass
+class ContinueSpec:
+    """A second training phase on the SAVED weights (bf16, upcast to fp32): no routing loss, a fresh AdamW,
+    warmup then cosine to `min_lr_ratio` x `lr`. The fine preset needs it: after the first phase's 1500 steps
+    its exact match is still far from the first demo's (the card shows both curves)."""
+    steps: int = 600
+    lr: float = 2e-3
+    warmup: int = 20
+    eval_every: int = 150
+
+    def train_spec(self, seed: int, threads: int, eval_sample: int) -> "TrainSpec":
+        return TrainSpec(steps=self.steps, lr=self.lr, warmup=self.warmup, aux_weight=0.0, aux_until=0.0,
+                         eval_every=self.eval_every, eval_sample=eval_sample, seed=seed + 1, threads=threads)
+
+
+@dataclass
 class TrainLog:
     """What the model card plots: loss / aux loss every `every` steps and EM at eval points."""
     every: int = 10
