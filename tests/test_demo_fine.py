@@ -80,7 +80,7 @@ def test_load_model_demo_fine(moe):
 def test_exact_match_on_a_sample(moe, worlds, scenario):
     w = worlds[scenario]
     for split in ("forget", "retain"):
-        acc = verify.accuracy(moe.model, moe.tokenizer, sample(getattr(w, split), 120, seed=1))
+        acc = verify.accuracy(moe.model, moe.tokenizer, sample(getattr(w, split), 100, seed=1))
         assert acc >= 0.95, f"{scenario}/{split}: {acc:.3f}"
     assert verify.accuracy(moe.model, moe.tokenizer, sample(w.holdout, 40, seed=1)) <= 0.10
 
@@ -98,11 +98,17 @@ def test_nmi_per_layer_above_floor(moe, probe):
     assert max(verify.nmi_per_layer(rand.eval(), moe.tokenizer, xs[:60])) < 0.3
 
 
-def test_expert_ablation_hurts_its_domain_most(moe, probe):
+def test_expert_ablation_hurts_its_domain_most(moe, worlds):
+    """Each domain's 6 most-used experts per layer (counted over 80 facts per domain, as the card does:
+    on fewer, a domain's top 6 picks up other domains' experts), zeroed in every layer."""
     model, tok = moe.model, moe.tokenizer
     before = {k: v.clone() for k, v in model.state_dict().items() if "experts" in k or "shared_expert" in k}
+    by_domain = {}
+    for ex in sorted(worlds["entities"].forget + worlds["entities"].retain, key=lambda e: e.id):
+        by_domain.setdefault(ex.domain, []).append(ex)
+    probe = {d: sample(xs, 80, seed=0) for d, xs in by_domain.items()}
     used = verify.experts_used(model, tok, [ex for v in probe.values() for ex in v], per_layer=6)
-    small = {d: v[:12] for d, v in probe.items()}
+    small = {d: v[:10] for d, v in probe.items()}
     table = verify.ablation_table(model, tok, small, used)
     base = table["none"]
     for d in DOMAINS:
