@@ -162,9 +162,11 @@ def test_load_heatmap_shows_the_shared_expert(moe, probe):
     trace = moe.trace([f"Question: {ex.question}\nAnswer: {ex.answer}" for ex in probe["animals"][:8]])
     fig = viz.load_heatmap(viz.routing_summary(trace), shared=1)
     routed, shared = fig.data
-    assert list(routed.x) == [f"E{e}" for e in range(32)] and list(shared.x) == ["shared"]
+    assert list(routed.x) == [f"E{e}" for e in range(32)] and set(shared.x) == {"shared"}
+    assert len(shared.y) == len(routed.y) == 4                   # one hover point per layer
     assert abs(float(sum(routed.z[0])) - 100.0) < 1e-6
-    assert all(row == ["always on"] for row in shared.text)
+    assert [a.text for a in fig.layout.annotations] == ["always on"]
+    assert abs(fig.layout.shapes[0].x0 - 31.55) < 1e-9            # the grey band sits on the 33rd category
     assert len(viz.load_heatmap(viz.routing_summary(trace)).data) == 1        # shared=0: no extra column
 
 
@@ -185,11 +187,11 @@ def test_every_dashboard_page_on_demo_fine(tmp_path, monkeypatch):
     text = " ".join(m.value for m in at.markdown)
     assert "Qwen2-MoE" in text and "Qwen2MoeForCausalLM" in " ".join(s.value for s in at.subheader)
     glance = figure(at, "Expert load per layer — retain split")
-    assert decode(glance["data"][0]["z"]).shape == (4, 32) and glance["data"][1]["x"] == ["shared"]
+    assert decode(glance["data"][0]["z"]).shape == (4, 32) and set(glance["data"][1]["x"]) == {"shared"}
     for page in ("routing", "embeddings", "unlearn", "compare", "diagnose", "findings"):
         at.switch_page(f"views/{page}.py").run()
         assert_clean(at)
         assert at.session_state["model_source"] == "demo-fine", page
     at.switch_page("views/routing.py").run()
     dom = figure(at, "Which experts each domain uses")
-    assert decode(dom["data"][0]["z"]).shape[1] == 32 and dom["data"][1]["x"] == ["shared"]
+    assert decode(dom["data"][0]["z"]).shape[1] == 32 and set(dom["data"][1]["x"]) == {"shared"}

@@ -65,7 +65,7 @@ def test_routing_explorer_on_demo_fine(fine_server):
             _wait_idle(page)
             expect(page.get_by_text("Experts per domain").first).to_be_visible()
             assert page.locator(".stPlotlyChart .heatmaplayer, .stPlotlyChart .hm").count() >= 2
-            # the shared expert's column: its cells say "always on" (load heatmap and domain x expert heatmap)
+            # the shared expert's column is labelled "always on" (load heatmap and domain x expert heatmap)
             expect(page.locator(".stPlotlyChart").filter(has_text="always on").first).to_be_visible()
             assert page.locator(".stPlotlyChart").filter(has_text="always on").count() >= 2
             assert page.get_by_text("E31").count() >= 1                      # all 32 routed experts on the axis
