@@ -22,8 +22,7 @@ from ..data import QAExample
 from .train import (ContinueSpec, ModelSpec, TrainLog, TrainSpec, build_model, build_tokenizer, domain_experts, save_model,
                     train_model)
 from .verify import DemoReport, accuracy, evaluate_demo, load_demo
-from .world import (DOMAINS, FORGET_DOMAIN, SCENARIOS, WorldConfig, generate_world, scenario_rows, trained_facts,
-                    write_world)
+from .world import DOMAINS, FORGET_DOMAIN, WorldConfig, generate_world, trained_facts, write_world
 
 
 PRESETS = {"demo": "demo_model", "fine": "demo_fine_model"}   # preset -> model folder under OUT
@@ -111,19 +110,8 @@ def continue_build(out: str | Path, preset: str, progress: bool = True) -> dict:
     partial = json.loads((model_dir / "training_log.json").read_text())
     for key in ("report", "weights_bytes", "build_seconds"):        # a verified build with phases still to run
         partial.pop(key, None)
-    if isinstance(partial.get("continue"), dict):                   # written with a single second phase
-        partial["continue"], partial["continue_log"] = [partial["continue"]], [partial["continue_log"]]
     if len(partial.get("continue_log", [])) >= len(CONTINUE.get(preset, ())):
         raise ValueError(f"{model_dir}/training_log.json: every training phase of preset {preset!r} is done")
-    if "train" not in partial:      # an interim log that holds only the first phase's curve: rebuild the rest
-        wc, ms, ts = WorldConfig(), (ModelSpec.fine() if preset == "fine" else ModelSpec()), TrainSpec()
-        facts = generate_world(wc, 0)
-        partial = {"seed": 0, "quick": False, "world": asdict(wc), "model": asdict(ms), "train": asdict(ts),
-                   "files": {f"{stem}.jsonl": len(rows) for sc in SCENARIOS
-                             for stem, rows in scenario_rows(facts, sc).items()},
-                   "assigned_experts": domain_experts(ms), "log": partial["log"]}
-        if preset != "demo":
-            partial["preset"] = preset
     seed = partial["seed"]
     train = trained_facts(generate_world(WorldConfig(**partial["world"]), seed))
     probe = [QAExample(f.id, f.question, f.answer, f.domain, f.entity, f.text)
@@ -293,11 +281,11 @@ def main(argv=None) -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="demo",
                     help="demo: the OLMoE (OUT/demo_model); fine: Qwen2-MoE, 32 fine-grained experts top-4 "
                          "+ a shared expert (OUT/demo_fine_model)")
-    ap.add_argument("--out", default=str(REPO_DATA), help="writes OUT/world and OUT/demo_model (default: the repo's data/)")
+    ap.add_argument("--out", default=str(REPO_DATA), help="writes OUT/world and OUT/demo_model or OUT/demo_fine_model (default: the repo's data/)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-sample", type=int, default=None, help="evaluate at most this many examples per split")
     ap.add_argument("--continue-only", action="store_true",
-                    help="the preset's second phase and verification on a saved first phase (an interrupted build)")
+                    help="the preset's remaining training phases and verification on saved ones (an interrupted build)")
     ap.add_argument("--card-only", action="store_true",
                     help="only re-render the preset's MODEL_CARD.md from its training_log.json")
     args = ap.parse_args(argv)
