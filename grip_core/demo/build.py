@@ -281,7 +281,8 @@ def main(argv=None) -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="demo",
                     help="demo: the OLMoE (OUT/demo_model); fine: Qwen2-MoE, 32 fine-grained experts top-4 "
                          "+ a shared expert (OUT/demo_fine_model)")
-    ap.add_argument("--out", default=str(REPO_DATA), help="writes OUT/world and OUT/demo_model or OUT/demo_fine_model (default: the repo's data/)")
+    ap.add_argument("--out", default=str(REPO_DATA),
+                    help="writes OUT/world and OUT/demo_model or OUT/demo_fine_model (default: the repo's data/)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-sample", type=int, default=None, help="evaluate at most this many examples per split")
     ap.add_argument("--continue-only", action="store_true",
