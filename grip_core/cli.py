@@ -44,7 +44,7 @@ def _defaults():
 
 def _add_common(p: argparse.ArgumentParser, scenario: bool = True) -> None:
     d, _ = _defaults()
-    p.add_argument("--model", default=d.model, help='"demo" or a local checkpoint directory')
+    p.add_argument("--model", default=d.model, help='"demo", "demo-fine" or a local checkpoint directory')
     _add_load_args(p)
     if scenario:
         p.add_argument("--scenario", default=d.scenario, choices=["domain", "entities"])

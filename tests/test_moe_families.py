@@ -182,11 +182,11 @@ def test_load_model_roundtrip_local_dir(tmp_path):
     assert json.loads(json.dumps(moe.describe()))["num_moe_layers"] == 2
 
 
-@pytest.mark.parametrize("family", ["olmoe", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "mixtral", "gpt_oss"])
 def test_cpu_experts_forward_is_bitwise_eager(family):
     """load_model's CPU experts path (fast_experts) = transformers' eager: same loss, same gradients.
 
-    OLMoE takes the unbind path; Mixtral and GPT-OSS (other layouts) must fall back to their own eager code."""
+    OLMoE and Qwen2-MoE take the unbind path; Mixtral and GPT-OSS (other layouts) must fall back to their own eager code."""
     import copy
 
     from grip_core.moe.fast_experts import register

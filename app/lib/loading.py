@@ -5,6 +5,7 @@ dtype and device map it was loaded with, so that the same path in float32 and in
 different cached models, and every cache keyed on the model (traces, embeddings) follows:
 
     "demo"                                   the demo with its default ("auto") options
+    "demo-fine"                              the fine-grained demo (Qwen2-MoE, shared expert), likewise
     "tiny:olmoe"                             the development model
     "/models/olmoe#cpu,bfloat16"             a checkpoint on the CPU in bfloat16
     "/models/mixtral#cuda:0,bfloat16,auto"   ... with accelerate's device_map="auto"
@@ -63,18 +64,35 @@ def parse_key(key: str) -> tuple[str, dict]:
     return m["name"], {"device": m["device"], "dtype": m["dtype"], "device_map": m["map"]}
 
 
+# The shipped demos' load_model names and their labels.
+DEMO_LABELS = {"demo": "demo MoE", "demo-fine": "fine-grained demo MoE"}
+
+
+def demo_available(name: str) -> bool:
+    """Whether the shipped demo `name` ("demo" / "demo-fine") has been built (its config.json exists)."""
+    from grip_core.moe.load import resolve_path
+
+    return (resolve_path(name) / "config.json").is_file()
+
+
+def shared_expert_count(info: dict) -> int:
+    """Shared (always-on) experts per MoE layer, from `MoEModel.describe()`: 0 or 1 for the families
+    GRIP Studio knows (a layer lists the dotted path of its shared expert module, or nothing)."""
+    return int(any(layer.get("shared_experts") for layer in info.get("layers", [])))
+
+
 def key_label(key: str) -> str:
     """'demo MoE' / '/models/olmoe (cpu, bfloat16)' for headers and the sidebar."""
     name, opts = parse_key(key)
     if opts["dtype"] == "auto":
-        return "demo MoE" if name == "demo" else name
+        return DEMO_LABELS.get(name, name)
     return f"{name} ({', '.join(v for v in (opts['device'], opts['dtype'], opts['device_map']) if v)})"
 
 
 def key_for_plan(name: str, plan: LoadPlan, chosen: tuple[str, str, str | None]) -> str:
     """The key the Model page loads: bare for the demo with every option "auto", else the plan's resolved options."""
     device, dtype, device_map = chosen
-    if name == "demo" and model_key(name, device, dtype, device_map) == name:
+    if name in DEMO_LABELS and model_key(name, device, dtype, device_map) == name:
         return name
     return model_key(name, plan.device, plan.dtype, plan.device_map)
 
@@ -133,5 +151,6 @@ def oom_error(name: str, exc: BaseException) -> ModelLoadError:
                           "a device map, or free memory first")
 
 
-__all__ = ["DEVICE_MAP_OPTIONS", "DTYPE_OPTIONS", "device_options", "gpu_machine", "is_oom", "key_for_plan",
-           "key_label", "model_key", "oom_error", "parse_key", "plan_for", "release_memory"]
+__all__ = ["DEMO_LABELS", "DEVICE_MAP_OPTIONS", "DTYPE_OPTIONS", "demo_available", "device_options", "gpu_machine",
+           "is_oom", "key_for_plan", "key_label", "model_key", "oom_error", "parse_key", "plan_for", "release_memory",
+           "shared_expert_count"]

@@ -77,14 +77,19 @@ ui.page_header("Model", "Which MoE, which routers, which data. Everything else i
 
 # ----------------------------------------------------------------------------- model source
 DEMO, LOCAL, TINY = "Demo MoE (shipped with GRIP Studio)", "Local checkpoint directory", "Tiny random OLMoE (development)"
-options = [DEMO, LOCAL] + ([TINY] if os.environ.get("GRIP_STUDIO_DEV") or state.current_source().startswith("tiny:")
-                          else [])
+DEMO_FINE = "Fine-grained demo MoE (Qwen2-MoE: 32 experts top-4 + a shared expert)"
+DEMO_NAMES = {DEMO: "demo", DEMO_FINE: "demo-fine"}      # radio option -> load_model name
+options = [DEMO, DEMO_FINE, LOCAL] + ([TINY] if os.environ.get("GRIP_STUDIO_DEV")
+                                      or state.current_source().startswith("tiny:") else [])
 source = state.current_source()
 
 
 def _kind_of(key: str) -> str:
     """The radio option of the model key `key` (the model in use)."""
-    return TINY if key.startswith("tiny:") else (DEMO if loading.parse_key(key)[0] == "demo" else LOCAL)
+    if key.startswith("tiny:"):
+        return TINY
+    name = loading.parse_key(key)[0]
+    return next((opt for opt, n in DEMO_NAMES.items() if n == name), LOCAL)
 
 
 index = options.index(_kind_of(source)) if _kind_of(source) in options else 0
@@ -97,18 +102,19 @@ with left:
     kind = st.radio("Model", options, index=index, key="model_kind")
     if failed:
         st.error(failed, icon=":material/error:")
-    if kind == DEMO:
-        name = "demo"
-        if not state.demo_available():
-            st.warning("The demo model is not built yet (expected in `data/demo_model/`). "
-                       "Rebuild it with `python -m grip_core.demo` or load a local checkpoint.",
+    if kind in DEMO_NAMES:
+        name = DEMO_NAMES[kind]
+        if not loading.demo_available(name):
+            folder, flag = ("demo_model", "") if name == "demo" else ("demo_fine_model", " --preset fine")
+            st.warning(f"This demo model is not built yet (expected in `data/{folder}/`). "
+                       f"Rebuild it with `python -m grip_core.demo.build{flag}` or load a local checkpoint.",
                        icon=":material/warning:")
     elif kind == TINY:
         name = state.DEV_TINY
     else:
         source_name = loading.parse_key(source)[0]
         path = st.text_input("Checkpoint directory (config.json + *.safetensors)",
-                             value="" if source_name == "demo" or source.startswith("tiny:") else source_name,
+                             value="" if source_name in loading.DEMO_LABELS or source.startswith("tiny:") else source_name,
                              placeholder="/path/to/an/moe-checkpoint", key="model_path")
         name = path.strip()
     plan, plan_error, chosen = None, None, ("auto", "auto", None)
@@ -188,7 +194,8 @@ with st.container(key="glance"):
             with st.spinner(f"Tracing {n} retain examples …"):
                 glance = state.split_routing(source, glance_key, "retain", n, False)
             ui.figure(viz.load_heatmap(glance, title=f"Expert load per layer — retain split, {n} examples "
-                                                     "(more on the Routing explorer page)"),
+                                                     "(more on the Routing explorer page)",
+                                       shared=loading.shared_expert_count(state.describe(source))),
                       key="model_glance", file_name="expert-load-retain")
 
 st.divider()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app.lib import state, ui
+from app.lib import loading, state, ui
 from grip_core import viz
 
 ui.page_header("Routing explorer", "Which experts the base model sends tokens to — per layer, per split, per domain, "
@@ -29,7 +29,8 @@ with ui.guard("Could not trace the model", stop=True):
 
 left, right = st.columns([3, 2], gap="medium")
 with left:
-    ui.figure(viz.load_heatmap(summary, title=f"Expert load per layer — {split}"), key="rx_load",
+    shared = loading.shared_expert_count(state.describe(source))     # always-on experts: a grey column
+    ui.figure(viz.load_heatmap(summary, title=f"Expert load per layer — {split}", shared=shared), key="rx_load",
               file_name=f"expert-load-{split}")
     load_df = pd.DataFrame(summary["load"], index=[f"layer {l}" for l in summary["layers"]],
                            columns=[f"E{e}" for e in range(len(summary["load"][0]))])
@@ -77,7 +78,7 @@ with ui.guard("Could not compute the domain × expert matrix"):
                 f"L{l} {v:.2f}" for l, v in zip(other["nmi"]["layers"], other["nmi"]["nmi"])))
         with lc2:
             ui.figure(viz.expert_label_heatmap(
-                lab["matrices"][pos], nmi=nmi[pos],
+                lab["matrices"][pos], nmi=nmi[pos], shared=shared,
                 title=f"Which experts each domain uses — layer {summary['layers'][pos]}, {dom_tokens}"),
                 key="rx_domain", file_name=f"experts-per-domain-layer{summary['layers'][pos]}")
 

@@ -1,4 +1,8 @@
-"""The demo model's recipe: a world tokenizer, a tiny OLMoE trained from scratch, bf16 safetensors.
+"""The demo models' recipe: a world tokenizer, a tiny MoE trained from scratch, bf16 safetensors.
+
+Two presets (`ModelSpec.preset`): "demo", the tiny OLMoE (10 experts, top-2, 2 per domain), and
+"fine", a Qwen2-MoE in the shape of today's MoEs: 32 fine-grained experts (6 per domain + 2 spare,
+no domain assigned), top-4, plus one always-on shared expert behind its sigmoid gate.
 
 Why an auxiliary routing loss: trained from scratch on a few thousand facts, an MoE's
 experts do NOT specialise by domain by themselves (docs/method.md#what-the-probes-found: NMI 0.02-0.08, as at
@@ -26,19 +30,38 @@ SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")    # ids 0, 1, 2
 
 @dataclass
 class ModelSpec:
-    """OlmoeConfig knobs (~5.5 M parameters at the defaults; 11 MB in bf16)."""
+    """Config knobs (OLMoE defaults: ~5.5 M parameters, 11 MB in bf16)."""
     vocab_size: int = 1024
     hidden_size: int = 256
-    intermediate_size: int = 128
+    intermediate_size: int = 128      # each routed expert's FFN width
     num_layers: int = 4
     num_heads: int = 4
-    experts_per_domain: int = 2
+    experts_per_domain: int = 2       # experts the routing loss assigns to each domain
     top_k: int = 2
     max_positions: int = 128
+    family: str = "olmoe"             # "olmoe" (OlmoeForCausalLM) or "qwen2_moe" (Qwen2MoeForCausalLM)
+    spare_experts: int = 0            # routed experts assigned to no domain (after the domains' ones)
+    shared_expert_size: int = 0       # FFN width of the always-on shared expert (qwen2_moe only; 0 = none)
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts_per_domain * len(DOMAINS) + self.spare_experts
 
     @staticmethod
     def quick() -> "ModelSpec":
         return ModelSpec(vocab_size=512, hidden_size=64, intermediate_size=64, num_layers=2, num_heads=4)
+
+    @staticmethod
+    def fine() -> "ModelSpec":
+        """Fine-grained + shared: 32 experts of width 64 (top-4: the demo's active routed width, 256),
+        6 per domain + 2 spare, and one shared expert of width 128."""
+        return ModelSpec(intermediate_size=64, experts_per_domain=6, top_k=4, family="qwen2_moe",
+                         spare_experts=2, shared_expert_size=128)
+
+    @staticmethod
+    def fine_quick() -> "ModelSpec":
+        return ModelSpec(vocab_size=512, hidden_size=64, intermediate_size=32, num_layers=2, num_heads=4,
+                         experts_per_domain=6, top_k=4, family="qwen2_moe", spare_experts=2, shared_expert_size=64)
 
 
 @dataclass
@@ -63,6 +86,21 @@ class TrainSpec:
 
 
 @dataclass
+class ContinueSpec:
+    """A further training phase on the SAVED weights (bf16, upcast to fp32): no routing loss, a fresh AdamW,
+    warmup then cosine to `min_lr_ratio` x `lr` (build.CONTINUE lists a preset's phases). The fine preset
+    needs two: after the first phase's 1500 steps its exact match was 0.75 (the card shows every curve)."""
+    steps: int = 600
+    lr: float = 2e-3
+    warmup: int = 20
+    eval_every: int = 150
+
+    def train_spec(self, seed: int, threads: int, eval_sample: int) -> "TrainSpec":
+        return TrainSpec(steps=self.steps, lr=self.lr, warmup=self.warmup, aux_weight=0.0, aux_until=0.0,
+                         eval_every=self.eval_every, eval_sample=eval_sample, seed=seed + 1, threads=threads)
+
+
+@dataclass
 class TrainLog:
     """What the model card plots: loss / aux loss every `every` steps and EM at eval points."""
     every: int = 10
@@ -80,7 +118,8 @@ class TrainLog:
 
 
 def domain_experts(spec: ModelSpec) -> dict[str, list[int]]:
-    """The experts the routing loss assigns to each domain: 2 per domain, in DOMAINS order."""
+    """The experts the routing loss assigns to each domain: `experts_per_domain` each, in DOMAINS order
+    (spare experts, if any, come last and belong to no domain)."""
     k = spec.experts_per_domain
     return {d: list(range(i * k, (i + 1) * k)) for i, d in enumerate(DOMAINS)}
 
@@ -103,7 +142,12 @@ def build_tokenizer(facts: list[Fact], vocab_size: int):
 
 
 def build_model(spec: ModelSpec, vocab_size: int, seed: int):
-    """A fresh OlmoeForCausalLM (eager experts: with grouped_mm, the default, a CPU training step is ~10x slower)."""
+    """A fresh OlmoeForCausalLM or Qwen2MoeForCausalLM (spec.family), eager experts (with grouped_mm,
+    the default, a CPU training step is ~10x slower)."""
+    if spec.family == "qwen2_moe":
+        return _build_qwen2_moe(spec, vocab_size, seed)
+    if spec.family != "olmoe":
+        raise ValueError(f"ModelSpec.family must be 'olmoe' or 'qwen2_moe', got {spec.family!r}")
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     cfg = OlmoeConfig(vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
@@ -115,6 +159,25 @@ def build_model(spec: ModelSpec, vocab_size: int, seed: int):
     torch.manual_seed(seed)
     model = OlmoeForCausalLM._from_config(cfg, experts_implementation="eager")
     model.config.architectures = ["OlmoeForCausalLM"]
+    return model
+
+
+def _build_qwen2_moe(spec: ModelSpec, vocab_size: int, seed: int):
+    """Qwen2-MoE: every layer sparse, `spec.num_experts` routed experts + one shared expert (sigmoid-gated)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.shared_expert_size,
+                         moe_intermediate_size=spec.intermediate_size,
+                         shared_expert_intermediate_size=spec.shared_expert_size,
+                         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+                         num_key_value_heads=spec.num_heads, num_experts=spec.num_experts,
+                         num_experts_per_tok=spec.top_k, norm_topk_prob=False, decoder_sparse_step=1,
+                         mlp_only_layers=[], max_position_embeddings=spec.max_positions,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=False,
+                         router_aux_loss_coef=0.0, output_router_logits=False, use_sliding_window=False)
+    torch.manual_seed(seed)
+    model = Qwen2MoeForCausalLM._from_config(cfg, experts_implementation="eager")
+    model.config.architectures = ["Qwen2MoeForCausalLM"]
     return model
 
 
@@ -145,7 +208,8 @@ def _batches(lengths: list[int], batch_size: int, rng: random.Random):
 
 
 class RouterCapture:
-    """Forward hooks on every OLMoE gate, keeping its router logits (B*T, E) for the routing loss."""
+    """Forward hooks on every MoE block's router (`mlp.gate`: OLMoE and Qwen2-MoE alike), keeping its
+    router logits (B*T, E) for the routing loss."""
 
     def __init__(self, model):
         self.logits: list[torch.Tensor] = []
@@ -181,7 +245,7 @@ def train_model(model, tokenizer, facts: list[Fact], spec: ModelSpec, ts: TrainS
     torch.set_num_threads(ts.threads)
     seqs, doms, unlabelled = training_sequences(tokenizer, facts)
     experts = domain_experts(spec)
-    E = spec.experts_per_domain * len(DOMAINS)
+    E = spec.num_experts
     target_by_domain = torch.zeros(len(DOMAINS), E, dtype=torch.bool)                   # (D, E)
     for d, dom in enumerate(DOMAINS):
         target_by_domain[d, experts[dom]] = True

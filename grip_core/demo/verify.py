@@ -115,9 +115,30 @@ def ablate_experts(model, experts: dict[int, list[int]]):
                 p.data[idx] = old
 
 
+@contextmanager
+def ablate_shared_expert(model):
+    """Zero every layer's shared expert output projection (Qwen2-MoE `mlp.shared_expert`); restore on exit."""
+    saved = []
+    try:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                w = layer.mlp.shared_expert.down_proj.weight                  # (d, I_shared)
+                saved.append((w, w.data.clone()))
+                w.data.zero_()
+        yield model
+    finally:
+        with torch.no_grad():
+            for w, old in saved:
+                w.data.copy_(old)
+
+
+def has_shared_expert(model) -> bool:
+    return all(hasattr(layer.mlp, "shared_expert") for layer in model.model.layers)
+
+
 def ablation_table(model, tok, by_domain: dict[str, list[QAExample]], used: dict[str, dict[int, list[int]]]
                    ) -> dict[str, dict[str, float]]:
-    """{ablated domain ("none" = baseline): {evaluated domain: EM}}."""
+    """{ablated domain ("none" = baseline; "shared expert" where the model has one): {evaluated domain: EM}}."""
     everything = [ex for d in by_domain for ex in by_domain[d]]
 
     def per_domain() -> dict[str, float]:
@@ -128,6 +149,9 @@ def ablation_table(model, tok, by_domain: dict[str, list[QAExample]], used: dict
     for d in by_domain:
         with ablate_experts(model, used[d]):
             table[d] = per_domain()
+    if has_shared_expert(model):
+        with ablate_shared_expert(model):
+            table["shared expert"] = per_domain()
     return table
 
 
@@ -152,8 +176,9 @@ def _sample(xs: list, n: int | None, seed: int) -> list:
 
 
 def evaluate_demo(model, tok, world_dir: str | Path | None = None, sample: int | None = None,
-                  ablation_per_domain: int = 80, seed: int = 0) -> DemoReport:
-    """Accuracies for both scenarios (each split at most `sample` examples), NMI and the ablation table."""
+                  ablation_per_domain: int = 80, seed: int = 0, experts_per_domain: int = 2) -> DemoReport:
+    """Accuracies for both scenarios (each split at most `sample` examples), NMI and the ablation table
+    (each domain's `experts_per_domain` most-selected experts per layer are the ones ablated)."""
     rep = DemoReport()
     worlds = {sc: load_demo_world(sc, world_dir) for sc in ("entities", "domain")}
     picked = {sc: {split: _sample(xs, sample, seed) for split, xs in w.as_dict().items()} for sc, w in worlds.items()}
@@ -172,7 +197,7 @@ def evaluate_demo(model, tok, world_dir: str | Path | None = None, sample: int |
     rep.probe_per_domain = min(len(xs) for xs in by_domain.values())
     rep.nmi_answer_tokens = [round(x, 4) for x in nmi_per_layer(model, tok, probe, answers_only=True)]
     rep.nmi_all_tokens = [round(x, 4) for x in nmi_per_layer(model, tok, probe, answers_only=False)]
-    rep.experts_used = experts_used(model, tok, probe)
+    rep.experts_used = experts_used(model, tok, probe, per_layer=experts_per_domain)
     rep.ablation = {a: {d: round(v, 4) for d, v in row.items()}
                     for a, row in ablation_table(model, tok, by_domain, rep.experts_used).items()}
     return rep

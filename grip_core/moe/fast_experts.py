@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 NAME = "grip_cpu"
-EAGER_LAYOUT = frozenset({"OlmoeExperts"})   # gate_up (E, 2I, d) + down (E, d, I), no bias, act(gate) * up
+EAGER_LAYOUT = frozenset({"OlmoeExperts", "Qwen2MoeExperts"})   # gate_up (E, 2I, d) + down (E, d, I), no bias, act(gate) * up
 
 
 def cpu_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

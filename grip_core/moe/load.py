@@ -24,12 +24,12 @@ from .errors import ModelLoadError
 from .memory import LoadPlan, ensure_fits, plan_load
 from .model import MoEModel
 
-from .._paths import DEMO_MODEL_DIR, REPO_ROOT  # noqa: F401  (re-exported; see grip_core/_paths.py)
+from .._paths import DEMO_MODEL_DIR, DEMO_MODELS, REPO_ROOT  # noqa: F401  (re-exported; see grip_core/_paths.py)
 
 
 def resolve_path(name_or_path: str | Path) -> Path:
-    """"demo" -> the shipped demo model's folder; anything else -> that local directory (~ expanded)."""
-    return DEMO_MODEL_DIR if str(name_or_path) == "demo" else Path(name_or_path).expanduser()
+    """"demo" / "demo-fine" -> that shipped demo model's folder; anything else -> that local directory (~ expanded)."""
+    return DEMO_MODELS.get(str(name_or_path)) or Path(name_or_path).expanduser()
 
 
 def _check_dir(path: Path) -> None:
@@ -89,7 +89,8 @@ def load_model(name_or_path: str | Path = "demo", device: str | torch.device | N
                dtype: str | torch.dtype | None = "auto", device_map: str | None = None,
                offload_folder: str | None = None, check_memory: bool = True,
                max_memory: int | None = None, low_memory: bool = False) -> MoEModel:
-    """Load `"demo"` (the shipped demo MoE), a local checkpoint directory or a delta folder, never from a hub.
+    """Load `"demo"` (the shipped demo OLMoE), `"demo-fine"` (the shipped Qwen2-MoE demo: 32 fine-grained
+    experts top-4 + a shared expert), a local checkpoint directory or a delta folder, never from a hub.
 
     device: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available). dtype: "float32", "bfloat16",
     "float16", a torch.dtype, or "auto" (bf16 on CUDA; fp32 on CPU when it fits, else bf16).
@@ -136,6 +137,6 @@ def load_model(name_or_path: str | Path = "demo", device: str | torch.device | N
     if not plan.device_map and not plan.device.startswith("cuda"):
         model.to(plan.device)
     model.eval()
-    moe = MoEModel(model, tokenizer, name="demo" if str(name_or_path) == "demo" else str(path))
+    moe = MoEModel(model, tokenizer, name=str(name_or_path) if str(name_or_path) in DEMO_MODELS else str(path))
     moe.load_plan = plan
     return moe

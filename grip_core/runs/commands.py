@@ -91,7 +91,9 @@ def _warn(msg: str) -> None:
 
 def _check_model_source(model: str) -> None:
     """A cheap check of --model before anything is written (the load itself reports the details)."""
-    if model == "demo" or model.startswith("tiny:"):
+    from .._paths import DEMO_MODELS
+
+    if model in DEMO_MODELS or model.startswith("tiny:"):
         return
     path = Path(model)
     if not path.is_dir() or not (path / "config.json").is_file():

@@ -33,11 +33,35 @@ def _cell_text(z: np.ndarray, fmt) -> list[list[str]] | None:
     return [["" if np.isnan(v) else fmt(v) for v in row] for row in z]
 
 
-def load_heatmap(summary: Mapping, title: str | None = None, subtitle: str | None = None) -> go.Figure:
+def _add_shared_column(fig: go.Figure, rows: Sequence[str], shared: int, num_experts: int) -> None:
+    """Grey "shared" column(s) right of the routed experts: always-on experts, which no router selects,
+    so they draw no routing slots; the column says "always on" instead of a number (Qwen2-MoE, DeepSeek, Llama4).
+
+    Footguns: a one-column Heatmap trace on a category axis is drawn across the rest of the plot, so
+    the column is an invisible marker trace (its category slot and hover), a grey shape and a label.
+    """
+    if shared <= 0:
+        return
+    names = ["shared"] if shared == 1 else [f"shared {i}" for i in range(shared)]
+    for i, name in enumerate(names):
+        fig.add_trace(go.Scatter(
+            x=[name] * len(rows), y=list(rows), mode="markers", marker=dict(size=14, opacity=0), showlegend=False,
+            hovertemplate="%{y}, %{x} expert<br>always on: every token passes through it,<br>"
+                          "no router selects it (not in the routed-expert shares)<extra></extra>"))
+        x = num_experts + i                                   # its category index on the x axis
+        fig.add_shape(type="rect", xref="x", yref="paper", x0=x - 0.45, x1=x + 0.45, y0=0, y1=1,
+                      fillcolor="#D9D9D9", line=dict(width=0), layer="below")
+        fig.add_annotation(x=name, y=0.5, xref="x", yref="paper", text="always on", textangle=-90,
+                           showarrow=False, font=dict(size=11, color="#444"))
+
+
+def load_heatmap(summary: Mapping, title: str | None = None, subtitle: str | None = None,
+                 shared: int = 0) -> go.Figure:
     """Layer x expert share of routing slots (%), from `routing_summary(trace)`.
 
     A balanced layer shows k/E... every cell ~ 100/E %; a hot cell is an expert that
-    draws that share of all top-k slots of the layer.
+    draws that share of all top-k slots of the layer. `shared` > 0 adds that many grey
+    "always on" columns for the model's shared experts (they take no routing slots).
     """
     z = _matrix(summary["load"]) * 100
     E = z.shape[1]
@@ -54,16 +78,18 @@ def load_heatmap(summary: Mapping, title: str | None = None, subtitle: str | Non
                 subtitle=subtitle or (f"share of top-{summary.get('top_k', 'k')} slots · {n:,} tokens · "
                                       f"uniform = {100 / max(E, 1):.1f} %" if n is not None else None),
                 height=max(300, 90 + 42 * z.shape[0]))
+    _add_shared_column(fig, _layer_names(summary["layers"]), shared, E)
     fig.update_yaxes(autorange="reversed", title=None)
-    fig.update_xaxes(title="expert", side="bottom")
+    fig.update_xaxes(title="expert" + (" (routed, then shared)" if shared else ""), side="bottom")
     return fig
 
 
 def expert_label_heatmap(matrix: Mapping, nmi: float | None = None, title: str | None = None,
-                         label_name: str = "domain") -> go.Figure:
+                         label_name: str = "domain", shared: int = 0) -> go.Figure:
     """Label (e.g. domain) x expert routing frequencies, from `expert_by_label_matrix(...).to_dict()`.
 
-    Row-normalised: row r shows where label r's tokens were sent (each row sums to 100 %).
+    Row-normalised: row r shows where label r's tokens were sent (each row sums to 100 %) over the
+    routed experts; `shared` > 0 adds grey "always on" columns for the shared experts.
     """
     z = np.asarray(matrix["matrix"], dtype=float)
     norm = matrix.get("normalize", "row")
@@ -83,8 +109,9 @@ def expert_label_heatmap(matrix: Mapping, nmi: float | None = None, title: str |
     if nmi is not None:
         sub += f" · NMI {nmi:.2f} (0 = no specialisation, 1 = one-to-one)"
     apply_style(fig, title or "Which experts each domain uses", subtitle=sub, height=max(300, 110 + 40 * z.shape[0]))
+    _add_shared_column(fig, list(matrix["labels"]), shared, E)
     fig.update_yaxes(autorange="reversed", title=None)
-    fig.update_xaxes(title="expert")
+    fig.update_xaxes(title="expert" + (" (routed, then shared)" if shared else ""))
     return fig
 
 
