@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from . import jobs, state
+from . import jobs, loading, state
 
 
 def sidebar_status() -> None:
@@ -11,8 +11,7 @@ def sidebar_status() -> None:
         st.markdown("### GRIP Studio")
         st.caption("Did this MoE forget, or just reroute? Unlearning with router constraints.")
         source = state.current_source()
-        label = "demo MoE" if source == "demo" else source
-        st.markdown(f"**Model:** `{label}`")
+        st.markdown(f"**Model:** `{loading.key_label(source)}`")
         st.markdown(f"**Data:** {state.data_label(state.data_key())}")
         pair = jobs.current_pair()
         if pair is not None and pair.running:

@@ -144,12 +144,6 @@ def current_source() -> str:
     return st.session_state.setdefault("model_source", os.environ.get("GRIP_STUDIO_MODEL", "demo"))
 
 
-def demo_available() -> bool:
-    from grip_core.moe.load import DEMO_MODEL_DIR
-
-    return (DEMO_MODEL_DIR / "config.json").is_file()
-
-
 @st.cache_data(show_spinner=False)
 def describe(source: str) -> dict:
     return base_model(source).describe()
