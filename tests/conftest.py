@@ -15,6 +15,22 @@ torch.set_num_threads(1)
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def demo():
+    """The shipped demo MoE, loaded once per test module (a module may change it: diagnose in place)."""
+    from grip_core.moe import load_model
+
+    return load_model("demo")
+
+
+@pytest.fixture(scope="module")
+def data():
+    """The demo's domain scenario, seed 0, 16 retained evaluation questions (a module may override it)."""
+    from grip_core.runs import UnlearningData
+
+    return UnlearningData.from_scenario("domain", seed=0, retain_eval_size=16)
+
+
 @pytest.fixture(scope="session")
 def real_width_checkpoint(tmp_path_factory):
     """A random OLMoE at OLMoE-1B-7B's real width (hidden 2048, 64 experts, top-8), one layer, sharded Hub

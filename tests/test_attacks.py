@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from grip_core import load_model
 from grip_core.attacks import (ROW_KEYS, AttackConfig, available_attacks, forced_experts, ledger_from_checkpoint,
                                ledger_summary, load_ledger, load_robustness, relearned, robustness, round_trip,
                                update_ledger)
@@ -20,21 +19,11 @@ from grip_core.moe import MoEModel
 from grip_core.moe.errors import ConfigError
 from grip_core.moe.tiny import build_tiny_model
 from grip_core.moe.trace import parse_router_output
-from grip_core.runs import Baseline, UnlearningData, run_unlearning
+from grip_core.runs import Baseline, run_unlearning
 from grip_core.runs.compare import make_config
 
 SMALL = dict(eval_examples=16, final_eval_examples=8, eval_every=0, batch_size=8, grip_fit_examples=256)
 FAST = dict(eval_examples=32, on_base=False)
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return load_model("demo")
-
-
-@pytest.fixture(scope="module")
-def data():
-    return UnlearningData.from_scenario("domain", seed=0, retain_eval_size=16)
 
 
 @pytest.fixture(scope="module")

@@ -6,23 +6,12 @@ import threading
 import pytest
 import torch
 
-from grip_core import load_model
-from grip_core.runs import RunConfig, UnlearningData, load_run, run_unlearning
+from grip_core.runs import RunConfig, load_run, run_unlearning
 from grip_core.runs.compare import make_config
 from grip_core.runs.job import PHASES
 from grip_core.runs.pair import run_pair
 
 SMALL = dict(eval_examples=16, final_eval_examples=16, eval_every=2, batch_size=8, grip_fit_examples=128)
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return load_model("demo")
-
-
-@pytest.fixture(scope="module")
-def data():
-    return UnlearningData.from_scenario("domain", seed=0, retain_eval_size=16)
 
 
 def _config(steps: int = 3) -> RunConfig:

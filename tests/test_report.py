@@ -10,7 +10,6 @@ import shutil
 import pytest
 import torch
 
-from grip_core import load_model
 from grip_core.metrics.probes import answer_nll, run_probes
 from grip_core.moe.errors import RunStoreError
 from grip_core.runs import UnlearningData, list_runs, load_run, run_unlearning
@@ -20,11 +19,6 @@ from grip_core.runs.report import SCHEMA_VERSION, GripRanks, Headline, RunReport
 from grip_core.runs.store import atomic_write_json
 
 SMALL = dict(eval_examples=8, final_eval_examples=8, eval_every=1, batch_size=8, grip_fit_examples=64)
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return load_model("demo")
 
 
 @pytest.fixture(scope="module")

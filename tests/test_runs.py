@@ -12,22 +12,12 @@ import pytest
 import torch
 
 from grip_core import load_model
-from grip_core.runs import Baseline, RunConfig, UnlearningData, list_runs, load_run, run_unlearning
+from grip_core.runs import Baseline, RunConfig, list_runs, load_run, run_unlearning
 from grip_core.runs.compare import make_config
 from grip_core.runs.diagnose import diagnose, verdict_from
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(eval_examples=16, final_eval_examples=24, eval_every=2, batch_size=8, grip_fit_examples=256)
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return load_model("demo")
-
-
-@pytest.fixture(scope="module")
-def data():
-    return UnlearningData.from_scenario("domain", seed=0, retain_eval_size=16)
 
 
 @pytest.fixture(scope="module")
