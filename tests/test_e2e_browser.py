@@ -11,6 +11,7 @@ Skipped when chromium or playwright is missing.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -98,19 +99,18 @@ def e2e_env(tmp_path_factory) -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, e2e_env):
+@contextlib.contextmanager
+def streamlit_server(env: dict, log_dir: Path, timeout: float = 60.0):
+    """A real `streamlit run app/main.py` on a free local port with `env`: yields (port, process); stops it after."""
     port = _free_port()
-    env = {**os.environ, **e2e_env, "GRIP_STUDIO_RUNS_DIR": str(tmp_path_factory.mktemp("runs"))}
-    t0 = time.time()
-    log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w")
+    log = open(log_dir / "streamlit.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.address", "127.0.0.1",
                              "--server.port", str(port), "--server.headless", "true",
                              "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
-        _wait_health(port, proc, timeout=60.0 * SLOW)
-        yield {"url": f"http://127.0.0.1:{port}", "t0": t0, "proc": proc, "runs": Path(env["GRIP_STUDIO_RUNS_DIR"])}
+        _wait_health(port, proc, timeout=timeout)
+        yield port, proc
     finally:
         proc.terminate()
         try:
@@ -118,6 +118,14 @@ def server(tmp_path_factory, e2e_env):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, e2e_env):
+    env = {**os.environ, **e2e_env, "GRIP_STUDIO_RUNS_DIR": str(tmp_path_factory.mktemp("runs"))}
+    t0 = time.time()
+    with streamlit_server(env, tmp_path_factory.mktemp("log"), timeout=60.0 * SLOW) as (port, proc):
+        yield {"url": f"http://127.0.0.1:{port}", "t0": t0, "proc": proc, "runs": Path(env["GRIP_STUDIO_RUNS_DIR"])}
 
 
 def test_main_path(server):

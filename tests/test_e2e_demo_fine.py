@@ -6,13 +6,10 @@ Skipped when chromium, playwright or the demo-fine model is missing.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from test_e2e_browser import CHROMIUM, LAUNCH_ARGS, ROOT, _free_port, _shot, _wait_health, _wait_idle
+from test_e2e_browser import CHROMIUM, LAUNCH_ARGS, ROOT, _shot, _wait_idle, streamlit_server
 
 playwright = pytest.importorskip("playwright.sync_api")
 FINE_DIR = ROOT / "data" / "demo_fine_model"
@@ -23,23 +20,9 @@ pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="chromium is not insta
 
 @pytest.fixture(scope="module")
 def fine_server(tmp_path_factory):
-    port = _free_port()
     env = {**os.environ, "GRIP_STUDIO_MODEL": "demo-fine", "GRIP_STUDIO_RUNS_DIR": str(tmp_path_factory.mktemp("runs"))}
-    log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.address", "127.0.0.1",
-                             "--server.port", str(port), "--server.headless", "true",
-                             "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    try:
-        _wait_health(port, proc)
+    with streamlit_server(env, tmp_path_factory.mktemp("log")) as (port, _):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_routing_explorer_on_demo_fine(fine_server):
