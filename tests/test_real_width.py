@@ -4,6 +4,7 @@ memory ceiling, and a few routers-only GRIP steps. The CLI runs as a real subpro
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -103,6 +104,8 @@ def test_diagnose_holds_one_model_in_memory(real_width_checkpoint, unlearned_twi
     ck = report["checkpoint"]
     assert ck["layout"] == "hub" and ck["tensors_changed"] == 3      # router + expert 0's gate_up and down
     assert report["headline"]["retain_stability_router_only"] < 1.0   # the twin's routers moved
+    groups = {r["group"] for r in report["ledger"]}                   # Hub layout: per tensor, from the apply
+    assert groups == {"router", "routed_expert"} and math.isclose(sum(r["share"] for r in report["ledger"]), 1.0)
 
 
 def test_in_place_diagnose_equals_the_two_model_path_on_the_demo(tmp_path):

@@ -20,7 +20,7 @@ from grip_core.grip.config import GRIPConfig  # noqa: E402
 from grip_core.methods import available_methods, method_class  # noqa: E402
 from grip_core.runs.config import RunConfig  # noqa: E402
 from grip_core.runs.pair import pair_configs  # noqa: E402
-from grip_core.runs.presets import PRESETS  # noqa: E402
+from grip_core.runs.presets import DEFAULT_PRESET, PRESETS  # noqa: E402
 from grip_core.scope import SCOPE_KINDS, ScopeConfig  # noqa: E402
 
 METHOD_ABOUT = {
@@ -34,8 +34,10 @@ METHOD_ABOUT = {
 pair = jobs.current_pair()
 busy = pair is not None and pair.running
 RC, GC = RunConfig(), GRIPConfig()              # the one set of defaults (grip_core.runs.config, grip_core.grip.config)
-# GRIP modes a run can use (a registry in grip_core.grip.config when there is one, else its Mode type), less "off"
-GRIP_MODES = [m for m in (getattr(grip_config, "MODES", None) or typing.get_args(grip_config.Mode)) if m != "off"]
+# GRIPConfig.mode values a run can use, less "off" (the named modes of grip_config.MODES such as "drift" or
+# "update-relative" are these plus the threshold / drift widgets below; their descriptions are the help text)
+GRIP_MODES = [m for m in typing.get_args(grip_config.Mode) if m != "off"]
+MODE_HELP = "; ".join(f"{m}: {grip_config.MODES[m].description}" for m in GRIP_MODES if m in grip_config.MODES)
 
 
 def _args_of(method: str, preset) -> dict:
@@ -72,7 +74,7 @@ with st.container(border=True):
             st.session_state["data_key"] = key = f"demo:{scen}"
     else:
         c1.text_input("Scenario", value="uploaded files (Model page)", disabled=True, key="ul_scenario_custom")
-    preset_name = state.kept(c2.selectbox, "Regime (preset)", "ul_preset", next(iter(PRESETS)), list(PRESETS),
+    preset_name = state.kept(c2.selectbox, "Regime (preset)", "ul_preset", DEFAULT_PRESET, list(PRESETS),
                              disabled=busy, help="\n\n".join(f"**{p.name}**: {p.about}" for p in PRESETS.values()))
     preset = PRESETS[preset_name]
     method = state.kept(c3.selectbox, "Method", "ul_method", RC.method, available_methods(), disabled=busy)
@@ -98,9 +100,7 @@ with st.container(border=True):
 with st.container(border=True):
     st.markdown("**GRIP** (the vanilla run uses the same settings with GRIP off)")
     g1, g2, g3, g4, g5 = st.columns(5)
-    mode = state.kept(g1.selectbox, "Mode", "ul_grip_mode", GC.mode, GRIP_MODES, disabled=busy,
-                      help="update: project ΔΘ after the optimizer step (right for Adam); gradient: project the "
-                           "gradient (exact for SGD only), for comparison")
+    mode = state.kept(g1.selectbox, "Mode", "ul_grip_mode", GC.mode, GRIP_MODES, disabled=busy, help=MODE_HELP)
     tkind = state.kept(g2.selectbox, "Null-space threshold", "ul_grip_tkind", GC.threshold_kind,
                        list(typing.get_args(grip_config.ThresholdKind)), disabled=busy,
                        help="absolute σ² > ε acts as a numerical-rank test and can freeze whole router rows; "
@@ -148,7 +148,8 @@ grip_cfg = GRIPConfig(mode=mode, threshold_kind=tkind, eps_null=float(eps_null),
 scenario = key.split(":", 1)[1] if key.startswith("demo:") else "custom"
 common = dict(method=method, method_args=method_args, scope=scope, model=source, scenario=scenario, steps=steps,
               batch_size=batch_size, seed=seed, eval_every=eval_every, eval_examples=eval_examples,
-              final_eval_examples=final_examples, grip_fit_examples=fit_examples, save_weights=save_weights)
+              final_eval_examples=final_examples, grip_fit_examples=fit_examples, save_weights=save_weights,
+              preset=preset_name if scope == preset.scope else "")   # the regime, unless its scope was edited
 final_label = f"{final_examples} examples per split" if final_examples else "every example of every split"
 st.caption(f"Live cards: step probes on {eval_examples} forget and {eval_examples} held-out retain examples every "
            f"{eval_every} steps. Final table and Compare: final probes on {final_label}. "

@@ -141,6 +141,19 @@ def ledger_from_deltas(deltas: dict[str, torch.Tensor], base: MoEModel) -> list[
     return ledger.rows()
 
 
+def ledger_from_norms(norms: dict[str, float], base: MoEModel) -> list[dict]:
+    """Ledger rows from per-tensor ‖Δ‖ {parameter path: norm} (e.g. `apply_checkpoint(...).changed`).
+
+    Footgun: one number per tensor, so a fused expert tensor lands in its layer's row with expert None
+    (no per-expert split); `ledger_from_checkpoint` splits them but reads only GRIP Studio's layout.
+    """
+    ledger = _Ledger(base)
+    for key, norm in norms.items():
+        group, layer, expert = ledger.classify(key)
+        ledger._put((group, layer, None if expert == "rows" else expert), float(norm) ** 2)
+    return ledger.rows()
+
+
 @torch.no_grad()
 def ledger_from_checkpoint(base: MoEModel, path: str | Path, chunk_bytes: int = 32 << 20) -> list[dict]:
     """Ledger rows of a native-layout checkpoint or GRIP Studio delta at `path` against the loaded `base`.

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..attacks.ledger import ledger_from_checkpoint, update_ledger
+from ..attacks.ledger import ledger_from_checkpoint, ledger_from_norms, update_ledger
 from ..moe import MoEModel
+from ..moe.errors import ModelLoadError
 from ..moe.delta import apply_checkpoint, check_same_architecture
 from .config import RunConfig
 from .data import UnlearningData
@@ -66,8 +67,12 @@ def diagnose(base: MoEModel, unlearned: MoEModel | str | Path, data: UnlearningD
     baseline = Baseline.compute(base, data, config)
     applied = None
     if in_place:
-        ledger = ledger_from_checkpoint(base, unlearned)   # streamed, before the base's weights are replaced
+        try:                                               # streamed, before the base's weights are replaced
+            ledger = ledger_from_checkpoint(base, unlearned, chunk_bytes=4 << 20)   # small float64 slices: peak memory
+        except ModelLoadError:                             # a Hub-layout checkpoint: per tensor, from the apply below
+            ledger = None
         applied = apply_checkpoint(base, unlearned)
+        ledger = ledger if ledger is not None else ledger_from_norms(applied.changed, base)
         report = evaluate_final(base, None, baseline, data, config)
         report.checkpoint = applied.to_dict()
     else:
