@@ -6,7 +6,6 @@ Every figure is recomputed from the weights on a fixed sample, never read from M
 Load time is measured in benchmarks/bench_demo_load.py, not here.
 """
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from grip_core.demo import verify
 from grip_core.demo.build import rewrite_card
 from grip_core.demo.train import ModelSpec, build_model, domain_experts
 from grip_core.demo.world import DOMAINS
+from test_demo_model import probe_by_domain, sample
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "data" / "demo_fine_model"
@@ -46,17 +46,9 @@ def worlds():
     return {sc: load_demo_world(sc) for sc in ("entities", "domain")}
 
 
-def sample(xs, n, seed=0):
-    return list(xs) if len(xs) <= n else random.Random(seed).sample(list(xs), n)
-
-
 @pytest.fixture(scope="module")
 def probe(worlds):
-    w = worlds["entities"]
-    by_domain = {}
-    for ex in sorted(w.forget + w.retain, key=lambda e: e.id):
-        by_domain.setdefault(ex.domain, []).append(ex)
-    return {d: sample(xs, 24, seed=3) for d, xs in by_domain.items()}
+    return probe_by_domain(worlds["entities"], 24)
 
 
 def test_load_model_demo_fine(moe):

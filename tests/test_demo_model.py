@@ -88,13 +88,17 @@ def test_batched_generation_matches_one_by_one(demo, worlds):
     assert batched == single
 
 
+def probe_by_domain(world, n: int, seed: int = 3) -> dict:
+    """{domain: n trained questions of the world (forget + retain), a fixed sample}: the NMI / ablation probe."""
+    by_domain = {}
+    for ex in sorted(world.forget + world.retain, key=lambda e: e.id):
+        by_domain.setdefault(ex.domain, []).append(ex)
+    return {d: sample(xs, n, seed=seed) for d, xs in by_domain.items()}
+
+
 @pytest.fixture(scope="module")
 def probe(worlds):
-    w = worlds["entities"]
-    by_domain = {}
-    for ex in sorted(w.forget + w.retain, key=lambda e: e.id):
-        by_domain.setdefault(ex.domain, []).append(ex)
-    return {d: sample(xs, 30, seed=3) for d, xs in by_domain.items()}
+    return probe_by_domain(worlds["entities"], 30)
 
 
 def test_specialisation_nmi(demo, probe):
