@@ -128,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regimes", default=None, help="comma list of presets (overrides the grid's)")
     p.add_argument("--methods", default=None, help="comma list (overrides the grid's)")
     p.add_argument("--grip-modes", default=None, help="comma list (overrides the grid's)")
+    p.add_argument("--robustness", action="store_true",
+                   help="the robustness grid: domain + entities x shortcut + full x GradDiff, NPO, SimNPO x every "
+                        "GRIP mode x 3 seeds, each cell attacked by every attack (suggested --out-dir: "
+                        "OUT/robustness --lrs-from OUT)")
+    p.add_argument("--attacks", default=None,
+                   help="comma list of robustness attacks run on every cell (overrides the grid's; "
+                        "see `python -m grip_core attack --help`)")
+    p.add_argument("--lrs-from", default=None,
+                   help="another study folder whose learning-rate records to reuse (instead of calibrating again)")
+    p.add_argument("--compare-with", default=None,
+                   help="another study folder (another model, same grid): the report shows both side by side")
     p.add_argument("--steps", type=int, default=None, help="max steps per run (overrides the grid's 200)")
     p.add_argument("--eval-examples", type=int, default=None, help="per-step probe examples (grid: 64)")
     p.add_argument("--final-eval-examples", type=int, default=None, help="final probe examples (grid: 200)")

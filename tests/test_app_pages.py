@@ -420,6 +420,27 @@ def test_findings_page(studio, tmp_path, monkeypatch):
     assert any("not a study folder" in e.value for e in at.error)
 
 
+def test_findings_page_opens_the_committed_robustness_and_demo_fine_studies(studio):
+    """The committed robustness study shows its sentences and one attack heatmap per (scenario, regime); the
+    demo-fine study shows its rows side by side with the demo's."""
+    at = app("findings")
+    at.text_input(key="fd_folder").set_value(str(_committed("robustness"))).run()
+    assert_clean(at)
+    heat = figure(at, "shortcut regime: recovered by each attack")
+    assert "INT4" in heat["data"][0]["x"] and any("GRIP update" in y for y in heat["data"][0]["y"])
+    assert any("recovered share of the forgotten answers" in m.value for m in at.markdown)
+    at.text_input(key="fd_folder").set_value(str(_committed("demo-fine"))).run()
+    assert_clean(at)
+    assert any("demo-fine / demo" in m.value for m in at.markdown)
+
+
+def _committed(name: str) -> Path:
+    from grip_core.moe.load import REPO_ROOT
+    from grip_core.runs.study import COMMITTED_STUDIES
+
+    return REPO_ROOT / "docs" / COMMITTED_STUDIES[name]
+
+
 def test_diagnose_page_reports_a_verdict(studio, tmp_path):
     """Base and a copy with scrambled routers saved as checkpoints -> the report and its figures."""
     import copy

@@ -197,3 +197,53 @@ def test_legacy_cells_migrate_to_ids_without_rerunning_and_rekey(tiny_study, tmp
     path.rename(stale)
     stale.write_text(json.dumps({**cell, "id": "0000000000000000"}))
     assert rekey_cells(cells) == 1 and cell_index(cells) == {cell["id"]: path}
+
+
+def test_attacked_cells_repeat_their_plain_run_and_reuse_its_learning_rate(tiny_study, tmp_path):
+    """A grid with attacks: the same unlearning run as the plain cell (numbers equal to the last digit), its
+    own id, the plain study's learning-rate record adopted instead of a new calibration, a robustness section."""
+    from grip_core.runs.study import _without_attacks, attacked_vs_plain
+
+    out, _ = tiny_study
+    grid = dataclasses.replace(TINY, regimes=("shortcut",), grip_modes=("off",),
+                               attacks=("restoration", "quant_int8"), attack_eval_examples=6)
+    report = run_study(out_dir=tmp_path, grid=grid, lrs_from=out)
+    lr = [json.loads(p.read_text()) for p in (tmp_path / "cells").glob("lr__*.json")]
+    assert len(lr) == 1 and lr[0]["copied_from"].startswith("cells/lr__")
+    (path,) = [p for p in (tmp_path / "cells").glob("*--*.json") if not p.name.startswith("lr__")]
+    cell = json.loads(path.read_text())
+    assert cell["name"].endswith("__attacked") and [r["attack"] for r in cell["robustness"]] == ["restoration", "quant_int8"]
+    assert all(r["n"] == 6 for r in cell["robustness"]) and cell["ledger"]["router"] > 0
+    plain_id = cell_id(_without_attacks(cell["spec"]))
+    assert plain_id != cell["id"] and plain_id in cell_index(out / "cells")
+    plain = json.loads(cell_index(out / "cells")[plain_id].read_text())
+    assert {k: cell[k] for k in ("steps", "forget_em", "retain_stability")} == \
+        {k: plain[k] for k in ("steps", "forget_em", "retain_stability")}
+    assert "1 of 1 attacked cells repeat" in attacked_vs_plain([cell], out)[2]
+    assert "## Robustness: did it really forget?" in report and "| restore routers | INT8 |" in report
+
+
+def test_a_seed_subset_keeps_the_grids_calibration_seed(tmp_path):
+    """Machines splitting the seeds (--seeds 1,2 here, 0 there) must calibrate on the same seed."""
+    grid = dataclasses.replace(TINY, seeds=(0, 1))
+    run_study(out_dir=tmp_path, grid=grid, seeds=[1], report_only=True)
+    saved = json.loads((tmp_path / "manifest.json").read_text())["grid"]
+    assert saved["seeds"] == [1] and saved["calibration_seed"] == 0
+
+
+def test_committed_robustness_and_demo_fine_studies_match_their_reports_and_the_readme():
+    from grip_core.runs.study import coverage
+
+    readme = (REPO / "README.md").read_text()
+    for sub, model in (("robustness", "demo"), ("demo_fine", "demo-fine")):
+        folder = REPO / "docs" / "study" / sub
+        for cid, path in cell_index(folder / "cells").items():
+            cell = json.loads(path.read_text())
+            assert cell["id"] == cid == cell_id(cell["spec"]) and cell["spec"]["model"] == model, path.name
+        study = read_study(folder)
+        cov = coverage(study["cells"], study["grid"])
+        assert cov["present"] >= study["grid"].size // 2
+        assert f"{cov['present']} of {cov['total']} cells" in (folder / "findings.md").read_text()
+        if sub == "robustness":
+            assert all(len(c["robustness"]) == 9 for c in study["cells"])
+    assert "| **demo-fine · domain · shortcut** |" in readme and "| relearning (all) recovers |" in readme

@@ -378,15 +378,24 @@ def _study_out_dir(args) -> Path:
 
 def cmd_study(args) -> int:
     from .launch import LaunchConfig, slurm_settings_from
-    from .study import FULL, QUICK, check_out_dir, run_study
+    from ..attacks import available_attacks
+    from .study import FULL, QUICK, ROBUSTNESS, check_out_dir, run_study
 
     seeds = _parse_seeds(args.seeds)
     out_dir = _study_out_dir(args)
     check_out_dir(out_dir, args.write_committed_report)
     _check_model_source(args.model)          # before --out-dir is created
-    grid = QUICK if args.quick else FULL
+    if args.quick and args.robustness:
+        raise ConfigError("--quick and --robustness are two different grids: give one")
+    grid = QUICK if args.quick else ROBUSTNESS if args.robustness else FULL
     lists = {f: tuple(_split_list(getattr(args, f), "--" + f.replace("_", "-")))
-             for f in ("scenarios", "regimes", "methods", "grip_modes") if getattr(args, f)}
+             for f in ("scenarios", "regimes", "methods", "grip_modes", "attacks") if getattr(args, f)}
+    unknown = [a for a in lists.get("attacks", ()) if a not in available_attacks()]
+    if unknown:
+        raise ConfigError(f"--attacks: unknown attack {unknown[0]!r} (known: {', '.join(available_attacks())})")
+    for flag, value in (("--lrs-from", args.lrs_from), ("--compare-with", args.compare_with)):
+        if value and not Path(value, "cells").is_dir():
+            raise ConfigError(f"{flag} {value}: not a study folder (no cells/ in it)")
     sizes = {k: v for k, v in (("max_steps", args.steps), ("eval_examples", args.eval_examples),
                                 ("final_eval_examples", args.final_eval_examples)) if v is not None}
     for k, v in sizes.items():
@@ -403,19 +412,21 @@ def cmd_study(args) -> int:
                           dry_run=args.dry_run)
     report = run_study(quick=args.quick, out_dir=out_dir, model=args.model, load=load_kwargs(args),
                        report_only=args.report_only, seeds=seeds, grid=grid, launch=launch,
-                       write_committed=args.write_committed_report)
+                       write_committed=args.write_committed_report,
+                       lrs_from=Path(args.lrs_from) if args.lrs_from else None,
+                       compare_with=Path(args.compare_with) if args.compare_with else None)
     if report is None:                        # a dry run: nothing ran, no report
         return 0
     path = Path(args.report) if args.report else out_dir / "findings.md"
     atomic_write_text(path, report)
     print(f"wrote {path}")
-    from .study import COMMITTED_DIR, read_study, readme_block, update_readme
+    from .study import COMMITTED_DIR, COMMITTED_STUDIES, refresh_readme
 
-    if out_dir.resolve() == (COMMITTED_DIR / "study").resolve() and not args.quick:
-        from .._paths import REPO_ROOT                     # the README states the same summary, from the same cells
+    committed = {(COMMITTED_DIR / sub).resolve() for sub in COMMITTED_STUDIES.values()}
+    if out_dir.resolve() in committed and not args.quick:  # the README states the same numbers, from the same cells
+        from .._paths import REPO_ROOT
 
-        study = read_study(out_dir)
-        if update_readme(REPO_ROOT / "README.md", readme_block(study["cells"], study["grid"])):
+        if refresh_readme(REPO_ROOT / "README.md"):
             print(f"updated the study block of {REPO_ROOT / 'README.md'}")
     return 0
 

@@ -19,7 +19,16 @@ reported under both names (`regime_aliases`). The report (`study_report`) and th
 are built from the cells; each (method, GRIP mode) row gets the one verdict
 (grip_core.runs.verdict, docs/method.md "Verdicts") of its mean over seeds.
 
+A grid with `attacks` (the ROBUSTNESS grid, `study --robustness`) also runs those robustness attacks
+(grip_core.attacks) on each cell's unlearned model, in the same task, and saves their rows and the update
+ledger's shares in the cell. Such a cell has its own id (its key adds the attacks and their settings),
+but its unlearning run is the plain cell's: `attacked_vs_plain` checks the two agree, and `--lrs-from`
+adopts the plain study's learning-rate records instead of calibrating again. `--compare-with` puts
+another model's study beside this one in the report (`side_by_side`).
+
 Footguns:
+- `--seeds 1,2` runs a subset of the grid's seeds but still calibrates on the grid's first seed
+  (`StudyGrid.calibration_seed`), so machines that split the seeds share one learning rate per group.
 - Bump STUDY_CODE_VERSION in any change that alters a cell's numbers (a metric, the job loop, GRIP):
   the id does not see code, and the git commit (in the manifest) would change every id on every commit.
 - The id hashes every RunConfig / GRIPConfig field, so adding a config field changes every id: the
@@ -48,7 +57,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .._paths import DEFAULT_RUNS_DIR, DEMO_MODEL_DIR, REPO_ROOT
+from .._paths import DEFAULT_RUNS_DIR, DEMO_MODELS, REPO_ROOT
 from ..fmt import mean_sd, pct
 from ..moe import load_model
 from ..moe.errors import ConfigError
@@ -76,12 +85,21 @@ class StudyGrid:
     regimes: tuple[str, ...]              # preset names (grip_core.runs.presets)
     methods: tuple[str, ...]              # method names (grip_core.methods)
     grip_modes: tuple[str, ...]           # GRIP mode names (grip_core.runs.compare.GRIP_MODES)
-    seeds: tuple[int, ...]                # the first one calibrates the learning rates
+    seeds: tuple[int, ...]                # seeds of every cell (calibration: see calibration_seed)
     eval_examples: int = 64               # examples per split in the per-step probes (and the retain-eval slice)
     final_eval_examples: int = 200        # examples per split in the final probes
     max_steps: int = MAX_STEPS            # a run stops here if forget EM never fell below FORGET_TARGET
     lr_ladder: tuple[float, ...] = LR_LADDER
     eval_every: int = 10                  # forget EM is checked (and a run may stop) every N steps
+    attacks: tuple[str, ...] = ()         # robustness attacks run on each cell's unlearned model (grip_core.attacks);
+                                          # () = none. Attacked cells are their own cells (own ids; see cell_key)
+    attack_eval_examples: int = 200       # forget examples each attack is judged on (after the relearning slice)
+    calibration_seed: int | None = None   # the seed whose vanilla runs choose the learning rates (None: seeds[0]);
+                                          # `run_study(seeds=...)` keeps the grid's, so a split of seeds shares it
+
+    @property
+    def calibrating_seed(self) -> int:
+        return self.seeds[0] if self.calibration_seed is None else self.calibration_seed
 
     @property
     def size(self) -> int:
@@ -90,6 +108,11 @@ class StudyGrid:
 
 FULL = StudyGrid(("domain", "entities"), ("shortcut", "full", "experts+routers"),
                  ("ga", "graddiff", "npo", "simnpo", "rmu"), ("off", "update", "drift"), (0, 1, 2))
+# The robustness study (issue "did it really forget?"): every attack on the key cells, 3 seeds.
+ROBUSTNESS = StudyGrid(("domain", "entities"), ("shortcut", "full"), ("graddiff", "npo", "simnpo"),
+                       ("off", "update", "drift"), (0, 1, 2),
+                       attacks=("restoration", "expert_forcing", "relearn_router", "relearn_full", "relearn_related",
+                                "quant_int8", "quant_nf4", "quant_int4", "paraphrase"))
 QUICK = StudyGrid(("domain",), ("shortcut", "full"), ("graddiff",), ("off", "update", "drift"), (0,),
                   eval_examples=48, final_eval_examples=120)
 
@@ -114,11 +137,11 @@ _DOC_FILES = {"training_log.json"}
 
 @functools.lru_cache(maxsize=None)
 def model_fingerprint(source: str) -> str:
-    """sha256 of a model's weights, config and tokenizer files ("demo" = the shipped demo; "tiny:..." =
-    its name: built from code). A delta folder's fingerprint includes its base's."""
+    """sha256 of a model's weights, config and tokenizer files ("demo" / "demo-fine" = a shipped demo;
+    "tiny:..." = its name: built from code). A delta folder's fingerprint includes its base's."""
     if source.startswith("tiny:"):
         return _sha({"tiny": source})
-    path = DEMO_MODEL_DIR if source == "demo" else Path(source)
+    path = DEMO_MODELS.get(source) or Path(source)
     if not path.is_dir():
         raise ConfigError(f"model {source!r}: not a checkpoint directory, cannot fingerprint it")
     files = {p.name: _file_sha(p) for p in sorted(path.iterdir())
@@ -141,10 +164,27 @@ def data_fingerprint(scenario: str, seed: int, retain_eval_size: int) -> str:
 def cell_spec(grid: StudyGrid, scenario: str, regime: str, method: str, mode: str, seed: int, lr: float | None,
               model: str = "demo", load: dict | None = None) -> dict:
     """A cell as a small JSON object: all a task needs (the model goes as its path, never as an object)."""
-    return {"scenario": scenario, "regime": regime, "method": method, "grip": mode, "seed": seed, "lr": lr,
+    spec = {"scenario": scenario, "regime": regime, "method": method, "grip": mode, "seed": seed, "lr": lr,
             "max_steps": grid.max_steps, "eval_every": grid.eval_every, "eval_examples": grid.eval_examples,
             "final_eval_examples": grid.final_eval_examples, "forget_target": FORGET_TARGET,
             "model": model, "load": dict(load or {})}
+    if grid.attacks:                      # only then: the ids of cells without attacks never change
+        spec["attacks"] = list(grid.attacks)
+        spec["attack_config"] = attack_settings(grid, seed)
+    return spec
+
+
+def attack_settings(grid: StudyGrid, seed: int) -> dict:
+    """The AttackConfig of a cell's attacks, as a dict: the library's defaults, judged on the grid's
+    `attack_eval_examples`, relearning slice drawn with the cell's seed, no attack on the base model
+    (every cell's `recovered` needs only the base's plain EM, which is measured anyway)."""
+    from ..attacks import AttackConfig
+
+    return dataclasses.asdict(AttackConfig(eval_examples=grid.attack_eval_examples, seed=seed, on_base=False))
+
+
+def _without_attacks(spec: dict) -> dict:
+    return {k: v for k, v in spec.items() if k not in ("attacks", "attack_config")}
 
 
 def cell_config(spec: dict):
@@ -168,9 +208,12 @@ def cell_key(spec: dict) -> dict:
         config.pop(k, None)
     if spec["lr"] is None:
         config["scope"].pop("lr")
-    return {"code_version": STUDY_CODE_VERSION, "model": model_fingerprint(spec["model"]),
-            "dtype": spec["load"].get("dtype"),
-            "data": data_fingerprint(spec["scenario"], spec["seed"], spec["eval_examples"]), "config": config}
+    key = {"code_version": STUDY_CODE_VERSION, "model": model_fingerprint(spec["model"]),
+           "dtype": spec["load"].get("dtype"),
+           "data": data_fingerprint(spec["scenario"], spec["seed"], spec["eval_examples"]), "config": config}
+    if spec.get("attacks"):
+        key["attacks"] = {"names": list(spec["attacks"]), "config": spec["attack_config"]}
+    return key
 
 
 def cell_id(spec: dict) -> str:
@@ -180,12 +223,12 @@ def cell_id(spec: dict) -> str:
 def cell_name(spec: dict) -> str:
     lr = "" if spec["lr"] is None else f"__lr{spec['lr']:g}"
     return "__".join(str(spec[k]) for k in ("scenario", "regime", "method", "grip")).replace("/", "-") + \
-        f"__s{spec['seed']}{lr}"
+        f"__s{spec['seed']}{lr}" + ("__attacked" if spec.get("attacks") else "")
 
 
 def calibration_key(spec: dict, ladder: tuple[float, ...]) -> dict:
     """What decides a (scenario, regime, method)'s calibrated learning rate: its first-seed vanilla key, no lr."""
-    return {**cell_key({**spec, "grip": "off", "lr": None}), "lr_ladder": list(ladder),
+    return {**cell_key({**_without_attacks(spec), "grip": "off", "lr": None}), "lr_ladder": list(ladder),
             "forget_target": spec["forget_target"]}
 
 
@@ -242,6 +285,8 @@ def run_cell(spec: dict, runs_dir: Path | str | None) -> dict:
     result = run_unlearning(moe, config, data, baseline=baseline, runs_dir=runs_dir)
     seconds = time.perf_counter() - t0
     row = result_row(spec["method"], spec["grip"], result)
+    if spec.get("attacks"):
+        row.update(_attack_cell(moe, data, result, spec))
     reached = next((r["step"] for r in result.step_log if r.get("forget_em", 1.0) < spec["forget_target"]), None)
     device, dtype = str(next(moe.model.parameters()).device), _dtype_name(moe)
     if result.run_dir:
@@ -253,6 +298,19 @@ def run_cell(spec: dict, runs_dir: Path | str | None) -> dict:
             "manifest": {**manifest.environment(device, dtype), "seed": config.seed, "grip_seed": config.grip.seed,
                          "effective_batch": config.batch_size, "started": started, "finished": time.time(),
                          "wall_seconds": seconds}}
+
+
+def _attack_cell(moe, data, result, spec: dict) -> dict:
+    """{"robustness": rows, "ledger": share by group, "attack_seconds"}: the cell's attacks on its unlearned model
+    (grip_core.attacks.robustness; judged on the forget set minus the relearning slice, related = holdout)."""
+    from ..attacks import AttackConfig, ledger_summary, robustness
+
+    t0 = time.perf_counter()
+    rows = robustness(moe, result.unlearned, None, data.forget, related=data.holdout, attacks=spec["attacks"],
+                      config=AttackConfig(**spec["attack_config"]))
+    ledger = result.summary.get("ledger")
+    return {"robustness": rows, "ledger": ledger_summary(ledger) if ledger else None,
+            "attack_seconds": time.perf_counter() - t0}
 
 
 def cell_task(spec: dict, out_dir: str) -> dict:
@@ -344,9 +402,25 @@ def plan_study(grid: StudyGrid, out_dir: Path, model: str = "demo", load: dict |
         moe = _load_cached(model, load)
         load = {**(load or {}), "dtype": _dtype_name(moe)}
         aliases = regime_aliases(moe, grid.regimes)
-    groups = [cell_spec(grid, sc, rg, m, "off", grid.seeds[0], None, model, load)
+    groups = [cell_spec(grid, sc, rg, m, "off", grid.calibrating_seed, None, model, load)
               for sc in grid.scenarios for rg in grid.regimes if rg not in aliases for m in grid.methods]
     return StudyPlan(grid, out_dir, model, load, aliases, groups, _known_lrs(out_dir, groups, grid))
+
+
+def adopt_lrs(out_dir: Path, source: Path, grid: StudyGrid, model: str = "demo", load: dict | None = None) -> int:
+    """Copy the learning-rate records of another study folder that this grid's groups would calibrate
+    (same calibration key, hence the same file name) into out_dir/cells; returns how many were copied.
+    A record is a fixed rule's outcome on a keyed vanilla run, so it holds wherever that key does."""
+    if not (Path(source) / "cells").is_dir():
+        raise ConfigError(f"--lrs-from {source}: not a study folder (no cells/ in it)")
+    plan = plan_study(grid, out_dir, model, load)
+    n = 0
+    for g in plan.groups:
+        src, dst = _lr_path(Path(source) / "cells", g, grid.lr_ladder), _lr_path(Path(out_dir) / "cells", g, grid.lr_ladder)
+        if src.exists() and not dst.exists():
+            atomic_write_json(dst, {**json.loads(src.read_text()), "copied_from": str(src.relative_to(source))})
+            n += 1
+    return n
 
 
 def _known_lrs(out_dir: Path, groups: list[dict], grid: StudyGrid) -> dict[tuple, float]:
@@ -375,7 +449,8 @@ def check_out_dir(out_dir: Path, write_committed: bool) -> None:
 
 def run_study(quick: bool = False, out_dir: Path | None = None, seeds: list[int] | None = None,
               model: str = "demo", workers: int = 1, report_only: bool = False, grid: StudyGrid | None = None,
-              load: dict | None = None, launch: LaunchConfig | None = None, write_committed: bool = False) -> str | None:
+              load: dict | None = None, launch: LaunchConfig | None = None, write_committed: bool = False,
+              lrs_from: Path | None = None, compare_with: Path | None = None) -> str | None:
     """Run (or resume) the grid; return the markdown report (None for a Slurm dry run).
 
     `out_dir`: default runs/study (runs/study-quick with `quick`); a folder under docs/ needs
@@ -383,16 +458,21 @@ def run_study(quick: bool = False, out_dir: Path | None = None, seeds: list[int]
     cluster). `workers` / `launch`: where the tasks run (grip_core.runs.launch; `workers` is the pool's
     size when `launch` is not given; 0 = one per core). `grid` replaces the FULL / QUICK grid.
     `load`: load_model keyword arguments (device, dtype, device_map) for every task's model.
+    `lrs_from`: another study folder whose learning-rate records this grid reuses (`adopt_lrs`; e.g. the
+    robustness study takes the main study's rates instead of calibrating again).
+    `compare_with`: another study folder (another model, the same grid) whose rows the report shows side by side.
     """
     grid = grid or (QUICK if quick else FULL)
-    if seeds:
-        grid = dataclasses.replace(grid, seeds=tuple(seeds))
+    if seeds:          # the calibration stays on the grid's own first seed (machines splitting seeds agree)
+        grid = dataclasses.replace(grid, seeds=tuple(seeds), calibration_seed=grid.calibrating_seed)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(quick)
     check_out_dir(out_dir, write_committed)
     launch = launch or LaunchConfig(workers=workers if workers > 0 else (os.cpu_count() or 1))
     launch.folder = launch.folder or out_dir / "submitit"
     (out_dir / "cells").mkdir(parents=True, exist_ok=True)
     started = time.time()
+    if lrs_from is not None:
+        adopt_lrs(out_dir, Path(lrs_from), grid, model, load)
     plan = plan_study(grid, out_dir, model, load)
     n_before = len(cell_index(out_dir / "cells"))
     study_manifest = {**manifest.environment(), "command": sys.argv, "launcher": launch.launcher,
@@ -425,8 +505,32 @@ def run_study(quick: bool = False, out_dir: Path | None = None, seeds: list[int]
     atomic_write_json(out_dir / "manifest.json", {
         **study_manifest, "finished": time.time(), "wall_seconds": time.time() - started,
         "cells_made": len(cell_index(out_dir / "cells")) - n_before, "cells_present": len(cells)})
-    return study_report(cells + _aliased(cells, plan.aliases), grid, quick, plan.aliases,
-                        _alias_check(out_dir / "cells", cells, plan.aliases))
+    cells = cells + _aliased(cells, plan.aliases)
+    extra = attacked_vs_plain(cells, Path(lrs_from)) if (lrs_from is not None and grid.attacks) else []
+    if compare_with is not None:
+        other = read_study(Path(compare_with))
+        extra = side_by_side(cells, grid, other["cells"], other["grid"],
+                             (model, other["manifest"].get("model", "demo")))
+    return study_report(cells, grid, quick, plan.aliases, _alias_check(out_dir / "cells", cells[:len(_present(plan))],
+                                                                         plan.aliases),
+                        model, _regenerate(out_dir, model, grid, compare_with, lrs_from), extra)
+
+
+def _rel(path: Path) -> Path:
+    try:
+        return Path(path).resolve().relative_to(REPO_ROOT.resolve())
+    except ValueError:
+        return Path(path)
+
+
+def _regenerate(out_dir: Path, model: str, grid: StudyGrid, compare_with: Path | None = None,
+                lrs_from: Path | None = None) -> str:
+    """The command that rebuilds a study folder's report from its cells."""
+    committed = " --write-committed-report" if Path(out_dir).resolve().is_relative_to(COMMITTED_DIR.resolve()) else ""
+    return (f"python -m grip_core study --report-only --out-dir {_rel(out_dir)}{committed}"
+            + ("" if model == "demo" else f" --model {model}")
+            + (" --robustness" if grid.attacks else "") + ("" if lrs_from is None else f" --lrs-from {_rel(lrs_from)}")
+            + ("" if compare_with is None else f" --compare-with {_rel(compare_with)}"))
 
 
 def _present(plan: StudyPlan) -> list[dict]:
@@ -591,7 +695,7 @@ _VERDICT_KEYS = ("base_forget_em", "forget_em", "base_retain_em", "retain_em", "
                  "retain_stability_router_only", "retain_stability_drift_only", "forget_shift", "restoration_recovered")
 
 
-def _group(cells: list[dict], *keys) -> dict[tuple, list[dict]]:
+def group_by(cells: list[dict], *keys) -> dict[tuple, list[dict]]:
     out: dict[tuple, list[dict]] = {}
     for c in cells:
         out.setdefault(tuple(c.get(k) for k in keys), []).append(c)
@@ -619,7 +723,7 @@ def study_rows(cells: list[dict], grid: StudyGrid) -> list[dict]:
     Plain data: the report's tables, its summary and the Findings page's figures all read these rows."""
     rows = []
     order = {m: i for i, m in enumerate(grid.grip_modes)}
-    for (sc, rg, method, mode), cs in sorted(_group(cells, "scenario", "regime", "method", "grip").items(),
+    for (sc, rg, method, mode), cs in sorted(group_by(cells, "scenario", "regime", "method", "grip").items(),
                                              key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], order.get(kv[0][3], 9))):
         keys = _VERDICT_KEYS + ("steps_to_forget", "holdout_em", "membership_auc", "seconds")
         mean = {k: _mean(cs, k) for k in keys}
@@ -636,7 +740,7 @@ def study_rows(cells: list[dict], grid: StudyGrid) -> list[dict]:
 
 def panels(rows: list[dict], aliases: dict[str, str]) -> list[tuple[str, str, list[dict]]]:
     """study_rows grouped by (scenario, regime), in reading order: run regimes first, aliased ones last."""
-    by = _group(rows, "scenario", "regime")
+    by = group_by(rows, "scenario", "regime")
     return [(sc, rg, by[(sc, rg)]) for sc, rg in sorted(by, key=lambda k: (k[1] in aliases, k))]
 
 
@@ -650,14 +754,15 @@ def coverage(cells: list[dict], grid: StudyGrid) -> dict:
 
 
 def machines(cells: list[dict]) -> list[str]:
-    """"<cpu> (<cores> cores[, gpu]): N cells" per machine that made the cells (from their manifests)."""
+    """"<cpu> (<cores> cores[, gpu]), run on <device>: N cells" per machine and device that made the cells (manifests)."""
     count: dict[str, int] = {}
     for c in cells:
         if c.get("same_as"):
             continue
         m = (c.get("manifest") or {}).get("machine")
-        name = (f"{m['cpu']} ({m['cores']} cores{', ' + m['gpu'] if m.get('gpu') else ''})" if m
-                else "not recorded (cells made before manifests)")
+        device = (c.get("manifest") or {}).get("device")
+        name = (f"{m['cpu']} ({m['cores']} cores{', ' + m['gpu'] if m.get('gpu') else ''})"
+                + (f", run on {device}" if device else "") if m else "not recorded (cells made before manifests)")
         count[name] = count.get(name, 0) + 1
     return [f"{k}: {v} cells" for k, v in sorted(count.items(), key=lambda kv: -kv[1])]
 
@@ -718,30 +823,65 @@ def study_summary(cells: list[dict], grid: StudyGrid) -> list[str]:
 
 
 README_START, README_END = "<!-- study-summary:start -->", "<!-- study-summary:end -->"
-README_METHODS = ("graddiff", "npo", "ga")
+README_METHODS = ("graddiff", "npo", "simnpo")        # the methods of the robustness and demo-fine grids too
+README_ATTACKS = (("restoration", "restoration attack recovers"), ("expert_forcing", "expert forcing recovers"),
+                  ("relearn_router", "relearning (routers) recovers"), ("relearn_full", "relearning (all) recovers"),
+                  ("quant_int4", "INT4 recovers"))
+COMMITTED_STUDIES = {"main": "study", "robustness": "study/robustness", "demo-fine": "study/demo_fine"}  # under docs/
 
 
-def readme_block(cells: list[dict], grid: StudyGrid) -> str:
+def readme_block(cells: list[dict], grid: StudyGrid, robustness: list[dict] | None = None,
+                 second: list[dict] | None = None, second_name: str = "demo-fine") -> str:
     """The README's study block: the same summary sentences as the report and the Findings page, and the
-    headline table (GradDiff / NPO / GA means over seeds) of every run (scenario, regime)."""
-    rows = {(r["scenario"], r["regime"], r["method"], r["grip"]): r["mean"] for r in study_rows(cells, grid)
-            if not r["same_as"]}
+    headline table (GradDiff / NPO / SimNPO means over seeds) of every run (scenario, regime). `robustness`:
+    the robustness study's cells (their attacks become columns; restoration comes from every cell's own
+    final report); `second`: another demo's study cells, appended as rows named `second_name`."""
     names = {"off": "off", "update": "update", "drift": "drift-aware (every 10 steps)"}
     cols = [("forget_em", "forget EM", "{:.3f}"), ("retain_em", "retain EM", "{:.2f}"),
             ("retain_stability", "retained routing stability", "{:.2f}"),
-            ("retain_stability_router_only", "new routers on original inputs", "{:.2f}"),
-            ("restoration_recovered", "restoration attack recovers", "pct")]
+            ("retain_stability_router_only", "new routers on original inputs", "{:.2f}")]
+    attacks = {(x["scenario"], x["regime"], x["method"], x["grip"]): {r["attack"]: r["recovered"] for r in x["robustness"]}
+               for x in robustness_means(robustness or [])}
+    label = {"graddiff": "GradDiff", "npo": "NPO", "simnpo": "SimNPO", "ga": "GA"}
     lines = [README_START, "", *(f"- {s}" for s in study_summary(cells, grid)), "",
-             f"Headline numbers, mean over seeds ({' / '.join({'graddiff': 'GradDiff', 'npo': 'NPO', 'ga': 'GA'}[m] for m in README_METHODS)}):",
-             "", "| scenario · regime | GRIP | " + " | ".join(c[1] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
-    for sc, rg in sorted({(k[0], k[1]) for k in rows}):
-        for i, mode in enumerate(m for m in grid.grip_modes if any((sc, rg, x, m) in rows for x in README_METHODS)):
-            vals = []
-            for key, _, f in cols:
-                xs = [rows.get((sc, rg, m, mode), {}).get(key) for m in README_METHODS]
-                vals.append(" / ".join("–" if x is None else (pct(x, 0) if f == "pct" else f.format(x)) for x in xs))
-            lines.append(f"| {f'**{sc} · {rg}**' if i == 0 else ''} | {names.get(mode, mode)} | " + " | ".join(vals) + " |")
+             f"Headline numbers, mean over seeds ({' / '.join(label.get(m, m) for m in README_METHODS)}); the attack "
+             "columns (share of the forgotten answers brought back) come from the robustness study "
+             "(`docs/study/robustness/`), \"–\" where it did not run:",
+             "", "| model · scenario · regime | GRIP | " + " | ".join(c[1] for c in cols) + " | " +
+             " | ".join(n for _, n in README_ATTACKS) + " |", "|---|---|" + "---|" * (len(cols) + len(README_ATTACKS))]
+    for model, cs, g in (("demo", cells, grid), (second_name, second or [], grid)):
+        rows = {(r["scenario"], r["regime"], r["method"], r["grip"]): r["mean"] for r in study_rows(cs, g)
+                if not r["same_as"]}
+        for sc, rg in sorted({(k[0], k[1]) for k in rows}):
+            modes = [m for m in names if any((sc, rg, x, m) in rows for x in README_METHODS)]
+            for i, mode in enumerate(modes):
+                vals = []
+                for key, _, f in cols:
+                    xs = [rows.get((sc, rg, m, mode), {}).get(key) for m in README_METHODS]
+                    vals.append(" / ".join("–" if x is None else f.format(x) for x in xs))
+                for a, _ in README_ATTACKS:
+                    if a == "restoration":
+                        xs = [rows.get((sc, rg, m, mode), {}).get("restoration_recovered") for m in README_METHODS]
+                    else:
+                        xs = [attacks.get((sc, rg, m, mode), {}).get(a) if model == "demo" else None
+                              for m in README_METHODS]
+                    vals.append(" / ".join("–" if x is None else pct(x, 0) for x in xs))
+                lines.append(f"| {f'**{model} · {sc} · {rg}**' if i == 0 else ''} | {names[mode]} | " +
+                             " | ".join(vals) + " |")
     return "\n".join(lines + ["", README_END])
+
+
+def refresh_readme(readme: Path | None = None) -> bool:
+    """Rewrite the README's study block from the committed study folders (main, robustness, demo-fine);
+    False when the README has no block. Any folder that is missing contributes nothing."""
+    docs = COMMITTED_DIR
+    main = read_study(docs / COMMITTED_STUDIES["main"])
+    extra = {}
+    for name in ("robustness", "demo-fine"):
+        folder = docs / COMMITTED_STUDIES[name]
+        extra[name] = read_study(folder)["cells"] if (folder / "manifest.json").is_file() else []
+    block = readme_block(main["cells"], main["grid"], extra["robustness"], extra["demo-fine"])
+    return update_readme(readme or REPO_ROOT / "README.md", block)
 
 
 def update_readme(path: Path, block: str) -> bool:
@@ -757,12 +897,17 @@ def update_readme(path: Path, block: str) -> bool:
 
 
 def study_report(cells: list[dict], grid: StudyGrid, quick: bool, aliases: dict[str, str] | None = None,
-                 alias_check: dict[tuple, tuple[int, int]] | None = None) -> str:
-    """Markdown: coverage and machines, the summary, then two narrow tables per (scenario, regime), aliased last."""
+                 alias_check: dict[tuple, tuple[int, int]] | None = None, model: str = "demo",
+                 command: str | None = None, extra: list[str] | None = None) -> str:
+    """Markdown: coverage and machines, the summary, then two narrow tables per (scenario, regime), aliased last;
+    then the robustness section when the cells were attacked. `command`: how to regenerate it (default: the
+    committed main study's)."""
     aliases = aliases or {}
-    lines = [f"# GRIP Studio study{' (quick)' if quick else ''}", "",
-             f"Made by `python -m grip_core study{' --quick' if quick else ''}` on the demo model (regenerate: "
-             "`python -m grip_core study --report-only --out-dir docs/study --write-committed-report`). "
+    command = command or "python -m grip_core study --report-only --out-dir docs/study --write-committed-report"
+    kind = "robustness study" if grid.attacks else "study"
+    lines = [f"# GRIP Studio {kind}{' (quick)' if quick else ''}{'' if model == 'demo' else ' on ' + model}", "",
+             f"Made by `python -m grip_core study{' --quick' if quick else ''}` on the `{model}` model (regenerate: "
+             f"`{command}`). "
              f"Grid: scenarios {list(grid.scenarios)}, regimes {list(grid.regimes)}, methods {list(grid.methods)}, "
              f"GRIP modes {list(grid.grip_modes)}, seeds {list(grid.seeds)}; {grid.eval_examples} examples per split "
              f"in the per-step probes, {grid.final_eval_examples} in the final ones. Learning rate per (scenario, "
@@ -807,6 +952,7 @@ def study_report(cells: list[dict], grid: StudyGrid, quick: bool, aliases: dict[
             lines.append(f"| {r['method']} | {r['grip']} | " +
                          " | ".join(mean_sd([c.get(k) for c in r["cells"]]) for k, _ in ROUTING_COLUMNS) + f" | {claim} |")
         lines.append("")
+    lines += robustness_section(cells, grid) + list(extra or [])
     return "\n".join(lines) + "\n"
 
 
@@ -827,3 +973,177 @@ def _why_not(v, stab, max_steps: int) -> str:
     if v.kind in ("collapsed", "not forgotten", "cannot diagnose"):
         reasons.append(f"verdict {v.kind}")
     return " (" + "; ".join(reasons) + ")" if reasons else ""
+
+
+# ----------------------------------------------------------------------------------- the robustness report
+
+_ROW_NUMBERS = ("base_em", "unlearned_em", "attacked_em", "recovered", "base_prob", "unlearned_prob", "attacked_prob",
+                "routing_shift")
+
+
+def robustness_means(cells: list[dict]) -> list[dict]:
+    """The attacked cells averaged over seeds: one entry per (scenario, regime, method, GRIP mode) with
+    "label", "seeds", "robustness" (rows of the agreed shape, each number the mean over seeds; plus
+    "recovered_sd") and "ledger" (mean share of ‖ΔΘ‖² by group). Plain data for the report and the
+    Findings page's heatmap (grip_core.viz.robustness draws it like a run's matrix)."""
+    from ..attacks.matrix import cell_label
+
+    out = []
+    attacked = [c for c in cells if c.get("robustness")]
+    for (sc, rg, method, mode), cs in sorted(group_by(attacked, "scenario", "regime", "method", "grip").items(),
+                                             key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], ("off", "update", "drift",
+                                                                                            ).index(kv[0][3])
+                                                             if kv[0][3] in ("off", "update", "drift") else 9)):
+        by: dict[tuple, list[dict]] = {}
+        for c in cs:
+            for r in c["robustness"]:
+                by.setdefault((r["attack"], r["setting"]), []).append(r)
+        rows = []
+        for (attack, setting), rs in by.items():
+            rows.append({"attack": attack, "setting": setting, **{k: _mean(rs, k) for k in _ROW_NUMBERS},
+                         "n": rs[0]["n"], "recovered_sd": _sd(rs, "recovered")})
+        groups = sorted({g for c in cs for g in (c.get("ledger") or {})})
+        out.append({"scenario": sc, "regime": rg, "method": method, "grip": mode, "seeds": sorted(c["seed"] for c in cs),
+                    "label": f"{cell_label(method, mode)} · {sc} · {rg}", "robustness": rows,
+                    "steps": _mean(cs, "steps"), "forget_em": _mean(cs, "forget_em"),
+                    "ledger": {g: _mean([c["ledger"] for c in cs if c.get("ledger")], g) for g in groups}})
+    return out
+
+
+def robustness_summary(means: list[dict]) -> list[str]:
+    """The robustness sentences (report, Findings page): per regime, each attack's mean recovered share by GRIP
+    mode over the (scenario, method) rows; and forced routing's forget EM next to the paper's."""
+    if not means:
+        return []
+    from ..viz.robustness import ATTACK_NAMES
+
+    name = {"off": "vanilla", "update": "GRIP update", "drift": "GRIP drift"}
+    out = []
+    for regime, group in sorted(group_by(means, "regime").items()):
+        modes = [m for m in name if any(x["grip"] == m for x in group)]
+        attacks: list[str] = []
+        for x in group:
+            attacks += [r["attack"] for r in x["robustness"] if r["attack"] not in attacks]
+        parts = []
+        for a in attacks:
+            vals = [[r["recovered"] for x in group if x["grip"] == m for r in x["robustness"]
+                     if r["attack"] == a and r["recovered"] is not None] for m in modes]
+            parts.append(f"{ATTACK_NAMES.get(a, a)} " + " / ".join(pct(statistics.fmean(v) if v else None, 0)
+                                                                   for v in vals))
+        n_rows = len({(x["scenario"], x["method"]) for x in group})
+        out.append(f"`{regime[0]}` regime, recovered share of the forgotten answers ({' / '.join(name[m] for m in modes)}; "
+                   f"mean over {n_rows} (scenario, method) rows and their seeds): " + "; ".join(parts) + ".")
+    forced = {m: [r for x in means if x["grip"] == m for r in x["robustness"] if r["attack"] == "expert_forcing"]
+              for m in name}
+    if any(forced.values()):
+        out.append("Expert forcing (each forget token sent to the top-k experts it did not select), forget EM "
+                   "unlearned → forced, all rows: " + ", ".join(
+                       f"{name[m]} {_f3(_mean(rs, 'unlearned_em'))} → {_f3(_mean(rs, 'attacked_em'))}"
+                       for m, rs in forced.items() if rs) +
+                   " (the GRIP paper on Qwen3-30B-A3B, approximately: baseline .26 → .37, GRIP .24 → .27).")
+    return out
+
+
+def robustness_section(cells: list[dict], grid: StudyGrid) -> list[str]:
+    """Markdown lines: the robustness summary and one table per (scenario, regime) (recovered mean±sd per attack)."""
+    from ..viz.robustness import ATTACK_NAMES
+
+    means = robustness_means(cells)
+    if not means:
+        return []
+    raw = group_by([c for c in cells if c.get("robustness")], "scenario", "regime", "method", "grip")
+    lines = ["## Robustness: did it really forget?", "",
+             f"Each cell's unlearned model attacked by {', '.join(ATTACK_NAMES.get(a, a) for a in grid.attacks)} "
+             f"(grip_core.attacks; defined in docs/method.md), judged on {grid.attack_eval_examples} forget examples "
+             "outside the relearning slice. **recovered** = (attacked − unlearned forget EM) / (base − unlearned), "
+             "mean±sd over seeds; \"router share\" = the routers' share of ‖ΔΘ‖² (the update ledger).", ""]
+    lines += [f"- {s}" for s in robustness_summary(means)] + [""]
+    attacks = [a for a in grid.attacks if any(r["attack"] == a for x in means for r in x["robustness"])]
+    for (sc, rg), group in sorted(group_by(means, "scenario", "regime").items()):
+        lines += [f"### {sc} scenario · {rg} regime", "",
+                  "| method | GRIP | seeds | steps | forget EM | router share | " +
+                  " | ".join(ATTACK_NAMES.get(a, a) for a in attacks) + " |",
+                  "|---|---|---|---|---|---|" + "---|" * len(attacks)]
+        for x in group:
+            cs = raw[(sc, rg, x["method"], x["grip"])]
+            cols = []
+            for a in attacks:
+                cols.append(mean_sd([next((r["recovered"] for r in c["robustness"] if r["attack"] == a), None)
+                                     for c in cs]))
+            lines.append(f"| {x['method']} | {x['grip']} | {len(cs)} | {mean_sd([c.get('steps') for c in cs])} | "
+                         f"{mean_sd([c.get('forget_em') for c in cs])} | "
+                         f"{mean_sd([(c.get('ledger') or {}).get('router') for c in cs])} | " + " | ".join(cols) + " |")
+        lines.append("")
+    return lines
+
+
+# ----------------------------------------------------------------------------------- two models side by side
+
+SIDE_BY_SIDE = (("steps_to_forget", "steps to forget"), ("forget_em", "forget EM"), ("retain_em", "retain EM"),
+                ("retain_stability", "stability"), ("retain_stability_router_only", "router-only"),
+                ("retain_stability_drift_only", "drift-only"), ("restoration_recovered", "restoration"))
+
+
+def side_by_side(cells: list[dict], grid: StudyGrid, other: list[dict], other_grid: StudyGrid,
+                 names: tuple[str, str]) -> list[str]:
+    """Markdown lines: every (scenario, regime, method, GRIP mode) row both studies ran, each number as
+    "this / other" (means over seeds, each study's own seeds), plus the verdicts."""
+    mine = {(r["scenario"], r["regime"], r["method"], r["grip"]): r for r in study_rows(cells, grid)}
+    theirs = {(r["scenario"], r["regime"], r["method"], r["grip"]): r for r in study_rows(other, other_grid)}
+    keys = [k for k in mine if k in theirs]
+    if not keys:
+        return []
+    lines = [f"## Side by side: `{names[0]}` / `{names[1]}`", "",
+             f"Each entry is \"{names[0]} / {names[1]}\": the mean over each study's seeds "
+             f"({names[0]}: {list(grid.seeds)}, {names[1]}: {list(other_grid.seeds)}); the same data, stopping rule "
+             "and learning-rate rule. A regime marked \"(= shortcut)\" is aliased on that model.", "",
+             "| scenario · regime | method | GRIP | " + " | ".join(n for _, n in SIDE_BY_SIDE) + " | verdicts |",
+             "|---|---|---|" + "---|" * len(SIDE_BY_SIDE) + "---|"]
+    for k in keys:
+        a, b = mine[k], theirs[k]
+        cols = []
+        for key, _ in SIDE_BY_SIDE:
+            xs = [r["mean"].get(key) for r in (a, b)]
+            cols.append(" / ".join("–" if x is None else (f"{x:.0f}" if key == "steps_to_forget" else f"{x:.3f}")
+                                   for x in xs))
+        alias = "".join(f" ({n}: = {r['same_as']})" for n, r in zip(names, (a, b)) if r["same_as"])
+        lines.append(f"| {k[0]} · {k[1]}{alias} | {k[2]} | {k[3]} | " + " | ".join(cols) +
+                     f" | {a['verdict']} / {b['verdict']} |")
+    return lines + [""]
+
+
+_OUTCOME = ("steps", "forget_em", "retain_em", "holdout_em", "retain_stability", "retain_stability_router_only",
+            "retain_stability_drift_only", "restoration_recovered")
+
+
+def attacked_vs_plain(cells: list[dict], plain_dir: Path) -> list[str]:
+    """Markdown lines: do the attacked cells repeat, before their attacks, the plain cell of `plain_dir` with the
+    same spec (the same unlearning run: the attacks come after it)? Counts, then each cell that differs."""
+    index = cell_index(Path(plain_dir) / "cells")
+    same, differ, absent = 0, [], 0
+    for c in cells:
+        if not c.get("robustness") or c.get("same_as"):
+            continue
+        path = index.get(cell_id(_without_attacks(c["spec"])))
+        if path is None:
+            absent += 1
+            continue
+        plain = json.loads(path.read_text())
+        keys = [k for k in _OUTCOME if c.get(k) != plain.get(k)]
+        if not keys:
+            same += 1
+            continue
+        made = lambda x: (x.get("manifest") or {}).get("versions", {}).get("torch") or "before manifests"
+        differ.append(f"  - {c['name']}: " + ", ".join(f"{k} {_fmt_outcome(c.get(k))} vs {_fmt_outcome(plain.get(k))}"
+                                                       for k in keys) + f" (torch {made(c)} vs {made(plain)})")
+    if not same + len(differ):
+        return []
+    return ["## Reproducibility", "",
+            f"- {same} of {same + len(differ)} attacked cells repeat the unlearning run of their plain cell in "
+            f"`{_rel(Path(plain_dir))}` (same spec without the attacks) to the last digit"
+            + (f"; {absent} have no plain cell there" if absent else "") + (". These differ:" if differ else "."),
+            *differ, ""]
+
+
+def _fmt_outcome(x) -> str:
+    return "–" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
