@@ -134,13 +134,15 @@ def phase_lines(every: int, write: Callable[[str], None]) -> Callable[[JobProgre
 
     def on_event(p: JobProgress) -> None:
         name = p.job or "run"
-        if p.phase != last.get(name):
-            last[name] = p.phase
-            write(f"[{name}] {p.phase}: {p.text}")
-        elif p.phase == "train" and p.row is not None and every and p.steps_done % every == 0:
-            probes = "".join(f" · {k.replace('_', ' ')} {pct(p.row[k])}" for k in ("forget_em", "retain_em")
-                             if p.row.get(k) is not None)
-            write(f"[{name}] train: {p.text} · loss {p.row['loss']:.3f}{probes}")
+        step_line = p.phase == "train" and p.row is not None and every and p.steps_done % every == 0
+        if p.phase == last.get(name) and not step_line:
+            return
+        last[name] = p.phase
+        line = f"[{name}] {p.phase}: {p.text}"
+        if p.row is not None:
+            line += f" · loss {p.row['loss']:.3f}" + "".join(
+                f" · {k.replace('_', ' ')} {pct(p.row[k])}" for k in ("forget_em", "retain_em") if p.row.get(k) is not None)
+        write(line)
     return on_event
 
 

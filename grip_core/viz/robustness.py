@@ -74,8 +74,7 @@ def wrap_label(label: str, width: int = 24, sep: str = " · ") -> str:
 
 
 def robustness_heatmap(cells: Sequence[Mapping], title: str | None = "Did it really forget?",
-                       subtitle: str | None = "share of the forgotten answers each attack brought back; "
-                                              "hover for the numbers") -> go.Figure:
+                       subtitle: str | None = "share of the forgotten answers brought back") -> go.Figure:
     """Method x mode rows, attack columns, colour = recovered; blank where nothing was forgotten.
 
     Footgun: row labels are wrapped (`wrap_label`) and must stay unique (plotly merges equal y values);
@@ -121,18 +120,23 @@ def robustness_heatmap(cells: Sequence[Mapping], title: str | None = "Did it rea
 
 def ledger_bars(cells: Sequence[Mapping], title: str | None = "Where did the update land?",
                 subtitle: str | None = "share of ‖ΔΘ‖² by parameter group") -> go.Figure:
-    """One stacked horizontal bar per cell: its ledger summary {group: share}."""
+    """One stacked horizontal bar per cell: its ledger summary {group: share}. Row labels wrapped as in
+    `robustness_heatmap` (unique labels stay unique); the legend sits under the axis, in pixels from the bottom."""
     fig = go.Figure()
     labels = [str(c.get("label", "?")) for c in cells]
+    rows = [wrap_label(label) for label in labels]
+    lines = max((r.count("<br>") + 1 for r in rows), default=1)
     groups = [g for g in GROUP_NAMES if any(_num((c.get("ledger") or {}).get(g)) > 0 for c in cells)]
     for g in groups:
         shares = [_num((c.get("ledger") or {}).get(g)) for c in cells]
-        fig.add_trace(go.Bar(y=labels, x=shares, orientation="h", name=GROUP_NAMES[g],
+        fig.add_trace(go.Bar(y=rows, x=shares, orientation="h", name=GROUP_NAMES[g], customdata=labels,
                              marker_color=GROUP_COLORS[g], text=[pct(s, digits=0, missing="") for s in shares],
-                             hovertemplate=f"<b>%{{y}}</b><br>{GROUP_NAMES[g]}: %{{x:.1%}}<extra></extra>"))
-    fig.update_layout(barmode="stack", xaxis=dict(range=[0, 1], tickformat=".0%", title="share of ‖ΔΘ‖²"))
-    fig.update_yaxes(autorange="reversed")
-    return apply_style(fig, title, subtitle=subtitle, height=max(240, 140 + 44 * len(cells)))
+                             hovertemplate=f"<b>%{{customdata}}</b><br>{GROUP_NAMES[g]}: %{{x:.1%}}<extra></extra>"))
+    fig.update_layout(barmode="stack", xaxis=dict(range=[0, 1], tickformat=".0%"))
+    fig.update_yaxes(autorange="reversed", automargin=True)
+    fig = apply_style(fig, title, subtitle=subtitle, height=210 + max(44, 18 * lines + 14) * max(len(cells), 2))
+    fig.update_layout(margin=dict(l=10, b=70), legend=dict(yref="container", y=0.0, yanchor="bottom"))
+    return fig
 
 
 def ledger_expert_heatmap(rows: Sequence[Mapping], title: str | None = "Routed experts' share of the update",
