@@ -8,7 +8,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
 from typing import Callable
 
 from tqdm import tqdm

@@ -108,8 +108,8 @@ def compare_in_processes(moe: MoEModel, model: str, data: UnlearningData, method
             if on_row:
                 on_row(row)
         pool.close()        # let the workers exit cleanly (a terminate() leaks their semaphores)
-        pool.join()
-    if relay:
+        pool.join()         # a worker exits only once its queued events are sent
+    if relay:                                     # (on an error the daemon relay is left waiting: harmless)
         events.put(None)    # after the workers' last event
         relay.join()
     return rows
