@@ -220,7 +220,8 @@ def test_main_path(server):
                 _readme_copy(page)
             assert page.locator("[data-testid='stException']").count() == 0
 
-            # 5b — both saved runs attacked by the real CLI, as a user would (meanwhile step 6 runs in the browser)
+            # 5b — both saved runs attacked by the real CLI, as a user would (step 6 runs in the browser meanwhile);
+            # then Compare again: the attack matrix of the pair, under "Did it really forget?"
             t_attack = time.time()
             attacks = _start_attacks(run_dirs, server["env"])
 
@@ -230,15 +231,13 @@ def test_main_path(server):
             page.get_by_text("Batch and evaluation").click()
             expect(page.get_by_role("checkbox", name=SAVE_WEIGHTS)).to_be_checked()
 
-            rows = _finish_attacks(attacks)
+            rows = _finish_attacks(attacks)                    # 5b, continued
             timings["attacks_s"] = time.time() - t_attack
             page.get_by_role("link", name="Compare").click()
             _wait_idle(page)
             matrix = page.locator(".stPlotlyChart").filter(has_text="Did it really forget?")
             _section_shot(page, "5b-compare-robustness", matrix)
-            _check_matrix(matrix, rows.values())
-            for name in ("vanilla", "GRIP"):                           # one row per run, named as on the page
-                expect(matrix.filter(has_text=name)).to_have_count(1)
+            _check_matrix(matrix, rows)
             assert page.locator("[data-testid='stException']").count() == 0
 
             # 7 — diagnose the GRIP run, picked from the saved runs with weights
@@ -260,7 +259,7 @@ def test_main_path(server):
             # ... and below the diagnosis, the picked run's attack matrix (its robustness.json)
             matrix = page.locator(".stPlotlyChart").filter(has_text="Did it really forget?")
             _section_shot(page, "6b-diagnose-robustness", matrix)
-            _check_matrix(matrix, [rows[grip_run]])
+            _check_matrix(matrix, {grip_run: rows[grip_run]})
 
             # 8 — findings: the committed study opens with its coverage and figures
             page.get_by_role("link", name="Findings").click()
@@ -290,7 +289,8 @@ def _latest_runs(root: Path, n: int) -> list[Path]:
 
 
 def _start_attacks(run_dirs: list[Path], env: dict) -> dict[Path, subprocess.Popen]:
-    """`python -m grip_core attack` on each run, all at once, one torch thread each (a 2-core machine)."""
+    """`python -m grip_core attack` on each run, all at once, one torch thread each (on a busy 2-core machine,
+    torch's default threads made one attack about ten times slower)."""
     procs = {}
     for d in run_dirs:
         argv = [sys.executable, "-m", "grip_core", "attack", "--base", load_run(d).config["model"], "--run", str(d),
@@ -314,17 +314,21 @@ def _finish_attacks(procs: dict[Path, subprocess.Popen]) -> dict[Path, list[dict
     return rows
 
 
-def _check_matrix(matrix, runs_rows) -> None:
-    """The heatmap has a column per attack and shows each cell's recovered share as the CLI wrote it."""
+def _check_matrix(matrix, rows: dict[Path, list[dict]]) -> None:
+    """The heatmap has a row per run (named as Compare names it), a column per attack, and shows each cell's
+    recovered share as the CLI wrote it."""
     from grip_core.fmt import pct
     from grip_core.viz.robustness import ATTACK_NAMES
 
     playwright.expect(matrix).to_have_count(1)
     playwright.expect(matrix).to_be_visible()
-    ticks = [t.replace(" ", "") for t in matrix.locator(".xtick text").all_text_contents()]    # one tspan a line
-    assert ticks == [ATTACK_NAMES[a].replace(" ", "") for a in ATTACKS], ticks
+    flat = lambda t: re.sub(r"\s|·", "", t)                  # wrapped labels: one tspan a line, no separator
+    ticks = [flat(t) for t in matrix.locator(".xtick text").all_text_contents()]
+    assert ticks == [flat(ATTACK_NAMES[a]) for a in ATTACKS], ticks
+    names = viz.run_names([load_run(d) for d in rows])
+    assert sorted(flat(t) for t in matrix.locator(".ytick text").all_text_contents()) == sorted(map(flat, names))
     cells = matrix.locator(".heatmap-label").all_text_contents()
-    assert sorted(cells) == sorted(pct(r["recovered"], digits=0, missing="—") for rows in runs_rows for r in rows), cells
+    assert sorted(cells) == sorted(pct(r["recovered"], digits=0, missing="—") for rs in rows.values() for r in rs), cells
 
 
 def _section_shot(page, name: str, figure) -> Path:

@@ -345,7 +345,7 @@ def test_compare_writes_its_table_beside_the_runs_and_prints_its_phases(tmp_path
     lines = [l for l in out.stderr.splitlines() if l.startswith("[ga/off]")]      # splitlines: tqdm's \r too
     assert [l.split(":")[0] for l in lines] == ["[ga/off] " + p for p in
                                                 ("prepare", "fit", "train", "train", "final", "done")], out.stderr
-    assert re.search(r"train: step 1 / 3 · loss \d+\.\d{3}$", lines[2]) and "step 2 / 3 · loss" in lines[3]
+    assert re.search(r"train: step 1 / 3 · loss -?\d+\.\d{3}$", lines[2]) and "step 2 / 3 · loss" in lines[3]
     assert lines[-1].endswith("3 steps · final probes done")
 
 

@@ -180,6 +180,7 @@ def cmd_compare(args) -> int:
                   eval_every=args.eval_every, final_eval_examples=args.final_eval_examples, max_length=args.max_length,
                   model=str(args.model), **_data_record(data))
     if workers > 1:     # the model loaded above already failed early on a bad path / non-MoE model
+        common.pop("model")                   # its `model` argument is recorded in every run's config
         rows = compare_in_processes(moe, args.model, data, methods, modes, workers, **common)
     else:
         rows = compare(moe, data, methods, modes, **common)

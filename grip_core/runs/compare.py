@@ -89,7 +89,8 @@ def compare_in_processes(moe: MoEModel, model: str, data: UnlearningData, method
     """
     import multiprocessing as mp
 
-    configs = [(m, g, make_config(m, g, preset, seed, steps, **config_overrides)) for m in methods for g in grip_modes]
+    configs = [(m, g, make_config(m, g, preset, seed, steps, model=str(model), **config_overrides))
+               for m in methods for g in grip_modes]
     # the longest runs first (GRIP fits, reference-model methods), so no worker idles at the end
     cost = lambda c: (c[1] != "off", c[0] in ("npo", "graddiff"), c[1] == "drift")
     order = sorted(range(len(configs)), key=lambda i: cost(configs[i]), reverse=True)
