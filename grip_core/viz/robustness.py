@@ -8,6 +8,9 @@ Plain data in, plotly figures out:
 - `ledger_bars(cells)`: share of ‖ΔΘ‖² by parameter group, one stacked bar per cell ({"label", "ledger":
   {group: share}}).
 - `ledger_expert_heatmap(rows)`: one run's routed-expert shares, MoE layer x expert.
+
+Run names are long ("GradDiff · GRIP update · shortcut · seed 0 · 60 steps") and these figures often get half
+a page: row labels are wrapped (`wrap_label`) and y margins sized to them, so the cells keep the width.
 """
 from __future__ import annotations
 
@@ -110,10 +113,10 @@ def robustness_heatmap(cells: Sequence[Mapping], title: str | None = "Did it rea
         customdata=hover, hovertemplate="%{customdata}<extra></extra>", xgap=2, ygap=2,
         colorbar=dict(title=dict(text="recovered", side="right"), tickformat=".0%", thickness=14,
                       tickvals=[0, 0.5, 1])))
-    fig.update_xaxes(tickangle=0, side="bottom")
+    fig.update_xaxes(tickangle=0)                      # wrapped names, never slanted
     fig.update_yaxes(autorange="reversed")
     fig = apply_style(fig, title, subtitle=subtitle, height=170 + max(48, 18 * lines + 14) * max(len(cells), 2))
-    fig.update_layout(margin=dict(l=10, b=50 if len(columns) else 20))
+    fig.update_layout(margin=dict(l=10, b=50))
     fig.update_yaxes(automargin=True)
     return fig
 
@@ -155,5 +158,5 @@ def ledger_expert_heatmap(rows: Sequence[Mapping], title: str | None = "Routed e
     return apply_style(fig, title, subtitle=subtitle, height=max(240, 120 + 40 * len(layers)))
 
 
-__all__ = ["ATTACK_NAMES", "GROUP_NAMES", "GROUP_COLORS", "attack_columns", "robustness_heatmap",
+__all__ = ["ATTACK_NAMES", "GROUP_NAMES", "GROUP_COLORS", "attack_columns", "wrap_label", "robustness_heatmap",
            "ledger_bars", "ledger_expert_heatmap"]
