@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final-eval-examples", type=int, default=d.final_eval_examples,
                    help=f"examples per split in the final probes (default: RunConfig's, {d.final_eval_examples}; "
                         "the study uses 200; 0 = all)")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="print each run's phase changes to stderr, and its loss every N training steps (0: no step lines)")
 
     p = sub.add_parser("run", help="one unlearning job from a JSON RunConfig (or flags)")
     _add_common(p)

@@ -1,5 +1,6 @@
 """End to end through a real Streamlit server and Chromium: demo → routing heatmap → the DEFAULT vanilla + GRIP
-job pair (RunConfig's defaults, weights saved) → Compare with its verdicts → Diagnose on a run from the picker.
+job pair (RunConfig's defaults, weights saved) → Compare with its verdicts → both runs attacked by the real
+`python -m grip_core attack` → Compare and Diagnose (on a run from the picker) with the robustness matrix.
 
 Readiness as in Streamlit's own e2e suite: poll /_stcore/health, then wait for
 [data-testid='stApp'][data-test-script-state='notRunning']. Screenshots of every page go to
@@ -32,6 +33,10 @@ ARTIFACTS = Path(os.environ.get("GRIP_SCREENSHOTS") or ROOT / "test-artifacts")
 JOB_BUDGET_S = float(os.environ.get("GRIP_E2E_JOB_BUDGET_S") or 600)
 SLOW = float(os.environ.get("GRIP_E2E_TIMEOUT_SCALE") or 1)     # > 1 on a loaded machine: every wait is longer
 README_IMAGE = ROOT / "docs" / "images" / "compare.png"
+# a cheap but telling subset (rerouting, expert forcing, 4-bit weights, router relearning), 64 forget examples
+ATTACKS = ("restoration", "expert_forcing", "quant_int4", "relearn_router")
+ATTACK_EXAMPLES = 64
+ROBUSTNESS_SECTION = "Did it really forget? Attacks and where the update landed"     # the section on both pages
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api")
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed"),
@@ -125,7 +130,8 @@ def server(tmp_path_factory, e2e_env):
     env = {**os.environ, **e2e_env, "GRIP_STUDIO_RUNS_DIR": str(tmp_path_factory.mktemp("runs"))}
     t0 = time.time()
     with streamlit_server(env, tmp_path_factory.mktemp("log"), timeout=60.0 * SLOW) as (port, proc):
-        yield {"url": f"http://127.0.0.1:{port}", "t0": t0, "proc": proc, "runs": Path(env["GRIP_STUDIO_RUNS_DIR"])}
+        yield {"url": f"http://127.0.0.1:{port}", "t0": t0, "proc": proc, "runs": Path(env["GRIP_STUDIO_RUNS_DIR"]),
+               "env": env}
 
 
 def test_main_path(server):
@@ -214,11 +220,25 @@ def test_main_path(server):
                 _readme_copy(page)
             assert page.locator("[data-testid='stException']").count() == 0
 
+            # 5b — both saved runs attacked by the real CLI, as a user would (step 6 runs in the browser meanwhile);
+            # then Compare again: the attack matrix of the pair, under "Did it really forget?"
+            t_attack = time.time()
+            attacks = _start_attacks(run_dirs, server["env"])
+
             # 6 — back on Unlearn the settings are still there ("Save weights" included)
             page.get_by_role("link", name="Unlearn").click()
             _wait_idle(page)
             page.get_by_text("Batch and evaluation").click()
             expect(page.get_by_role("checkbox", name=SAVE_WEIGHTS)).to_be_checked()
+
+            rows = _finish_attacks(attacks)                    # 5b, continued
+            timings["attacks_s"] = time.time() - t_attack
+            page.get_by_role("link", name="Compare").click()
+            _wait_idle(page)
+            matrix = page.locator(".stPlotlyChart").filter(has_text="Did it really forget?")
+            _section_shot(page, "5b-compare-robustness", matrix)
+            _check_matrix(matrix, rows)
+            assert page.locator("[data-testid='stException']").count() == 0
 
             # 7 — diagnose the GRIP run, picked from the saved runs with weights
             grip_run = next(d for d in run_dirs if load_run(d).config["grip"]["mode"] != "off")
@@ -236,6 +256,10 @@ def test_main_path(server):
             assert page.get_by_text("Could not diagnose").count() == 0
             _shot(page, "6-diagnose")
             assert page.locator("[data-testid='stException']").count() == 0
+            # ... and below the diagnosis, the picked run's attack matrix (its robustness.json)
+            matrix = page.locator(".stPlotlyChart").filter(has_text="Did it really forget?")
+            _section_shot(page, "6b-diagnose-robustness", matrix)
+            _check_matrix(matrix, {grip_run: rows[grip_run]})
 
             # 8 — findings: the committed study opens with its coverage and figures
             page.get_by_role("link", name="Findings").click()
@@ -262,6 +286,57 @@ def test_main_path(server):
 def _latest_runs(root: Path, n: int) -> list[Path]:
     """The `n` newest run folders under `root` (the pair just run)."""
     return sorted((d for d in root.iterdir() if (d / "config.json").is_file()), key=lambda d: d.name)[-n:]
+
+
+def _start_attacks(run_dirs: list[Path], env: dict) -> dict[Path, subprocess.Popen]:
+    """`python -m grip_core attack` on each run, all at once, one torch thread each (on a busy 2-core machine,
+    torch's default threads made one attack about ten times slower)."""
+    procs = {}
+    for d in run_dirs:
+        argv = [sys.executable, "-m", "grip_core", "attack", "--base", load_run(d).config["model"], "--run", str(d),
+                "--attacks", ",".join(ATTACKS), "--eval-examples", str(ATTACK_EXAMPLES)]
+        procs[d] = subprocess.Popen(argv, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+    return procs
+
+
+def _finish_attacks(procs: dict[Path, subprocess.Popen]) -> dict[Path, list[dict]]:
+    """Each run's robustness rows once its attack exited 0 (the rows in the run's robustness.json and report)."""
+    from grip_core.attacks import load_robustness
+
+    rows = {}
+    for d, proc in procs.items():
+        out, _ = proc.communicate(timeout=300 * SLOW)
+        assert proc.returncode == 0, out
+        rows[d] = load_robustness(d)
+        assert [r["attack"] for r in rows[d]] == list(ATTACKS)
+        assert load_run(d).report.robustness == rows[d]
+    return rows
+
+
+def _check_matrix(matrix, rows: dict[Path, list[dict]]) -> None:
+    """The heatmap has a row per run (named as Compare names it), a column per attack, and shows each cell's
+    recovered share as the CLI wrote it."""
+    from grip_core.fmt import pct
+    from grip_core.viz.robustness import ATTACK_NAMES
+
+    playwright.expect(matrix).to_have_count(1)
+    playwright.expect(matrix).to_be_visible()
+    flat = lambda t: re.sub(r"\s|·", "", t)                  # wrapped labels: one tspan a line, no separator
+    ticks = [flat(t) for t in matrix.locator(".xtick text").all_text_contents()]
+    assert ticks == [flat(ATTACK_NAMES[a]) for a in ATTACKS], ticks
+    names = viz.run_names([load_run(d) for d in rows])
+    assert sorted(flat(t) for t in matrix.locator(".ytick text").all_text_contents()) == sorted(map(flat, names))
+    cells = matrix.locator(".heatmap-label").all_text_contents()
+    assert sorted(cells) == sorted(pct(r["recovered"], digits=0, missing="—") for rs in rows.values() for r in rs), cells
+
+
+def _section_shot(page, name: str, figure) -> Path:
+    """The robustness section scrolled to the top of the window (the app scrolls inside its main pane, so a
+    full-page screenshot shows only the first screen), once its figure is drawn."""
+    figure.locator(".heatmaplayer, .hm").first.wait_for(state="attached", timeout=60_000 * SLOW)
+    page.get_by_role("heading", name=ROBUSTNESS_SECTION).first.evaluate("e => e.scrollIntoView({block: 'start'})")
+    return _shot(page, name)
 
 
 def _readme_copy(page) -> None:

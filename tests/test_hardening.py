@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -330,15 +331,22 @@ def test_upload_errors_name_the_file_not_the_temp_path():
     assert msg.startswith("my forget.jsonl:2:") and "/tmp" not in msg
 
 
-def test_compare_writes_its_table_beside_the_runs(tmp_path):
-    out = cli_run(["compare", "--methods", "ga", "--grip-modes", "off", "--steps", "0", "--workers", "1",
-                   "--final-eval-examples", "8", "--runs-dir", str(tmp_path / "runs")], tmp_path, timeout=300)
+def test_compare_writes_its_table_beside_the_runs_and_prints_its_phases(tmp_path):
+    out = cli_run(["compare", "--methods", "ga", "--grip-modes", "off", "--steps", "3", "--workers", "1",
+                   "--log-every", "2", "--final-eval-examples", "8", "--runs-dir", str(tmp_path / "runs")], tmp_path,
+                  timeout=300)
     assert out.returncode == 0, out.stderr
     tables = sorted(p.name for p in (tmp_path / "runs").glob("compare-*"))
     assert [t.rsplit(".", 1)[1] for t in tables] == ["csv", "json"]
     assert not list(tmp_path.glob("compare.*"))
     (run,) = list_runs(tmp_path / "runs")
-    assert run.config["scenario"] == "domain" and run.config["model"] == "demo" and run.config["steps"] == 0
+    assert run.config["scenario"] == "domain" and run.config["model"] == "demo" and run.config["steps"] == 3
+    # one stderr line per phase change, and a step line every 2 steps (step 1 opens the train phase)
+    lines = [l for l in out.stderr.splitlines() if l.startswith("[ga/off]")]      # splitlines: tqdm's \r too
+    assert [l.split(":")[0] for l in lines] == ["[ga/off] " + p for p in
+                                                ("prepare", "fit", "train", "train", "final", "done")], out.stderr
+    assert re.search(r"train: step 1 / 3 · loss -?\d+\.\d{3}$", lines[2]) and "step 2 / 3 · loss" in lines[3]
+    assert lines[-1].endswith("3 steps · final probes done")
 
 
 def test_dashboard_checkpoint_errors_do_not_reveal_paths(tmp_path):

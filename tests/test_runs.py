@@ -179,12 +179,27 @@ def test_compare_in_processes_gives_the_rows_of_compare(demo, data, tmp_path):
     from grip_core.runs.compare import compare, compare_in_processes
 
     kw = dict(preset="shortcut", seed=0, steps=3, **SMALL)
-    one = compare(demo, data, ["ga", "simnpo"], ["off", "update"], runs_dir=tmp_path / "one", **kw)
+    events_one, events_two = [], []
+    one = compare(demo, data, ["ga", "simnpo"], ["off", "update"], runs_dir=tmp_path / "one",
+                  progress=events_one.append, **kw)
     seen = []
     two = compare_in_processes(demo, "demo", data, ["ga", "simnpo"], ["off", "update"], workers=2,
-                               runs_dir=tmp_path / "two", on_row=seen.append, **kw)
+                               runs_dir=tmp_path / "two", on_row=seen.append, progress=events_two.append, **kw)
     assert [(r["method"], r["grip"]) for r in two] == [(r["method"], r["grip"]) for r in one]
     assert sorted(map(id, seen)) == sorted(map(id, two))                      # every row reported once
+
+    def phases(events):    # per job: its phases in order (each once) and the steps its train events report
+        out = {}
+        for e in events:
+            ph, steps = out.setdefault(e.job, ([], []))
+            if not ph or ph[-1] != e.phase:
+                ph.append(e.phase)
+            if e.phase == "train":
+                steps.append(e.steps_done)
+        return out
+    # the workers' progress events come back to this process, named by their cell, as compare()'s do
+    assert phases(events_two) == phases(events_one)
+    assert phases(events_one)["simnpo/update"] == (["prepare", "fit", "train", "final", "done"], [1, 2, 3])
     timing = {"step_ms", "grip_ms", "run_dir"}
     for a, b in zip(one, two):                                                # one torch thread everywhere here
         assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}

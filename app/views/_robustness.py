@@ -10,7 +10,9 @@ from pathlib import Path
 import streamlit as st
 
 from app.lib import ui
+from grip_core import viz
 from grip_core.attacks.matrix import matrix_cells
+from grip_core.runs.store import load_run
 from grip_core.viz.robustness import ledger_bars, ledger_expert_heatmap, robustness_heatmap
 
 
@@ -32,7 +34,9 @@ def render_robustness(paths, key: str) -> None:
                "tokens onto experts they did not pick, relearn a few steps, quantize the weights, reword the "
                "questions. Colour = share of the forgotten answers recovered; hover for the numbers.")
     with ui.guard("Could not read the attack results"):
-        cells = matrix_cells(dirs)
+        runs = [load_run(d) for d in dirs]
+        names = dict(zip(dirs, viz.run_names(runs)))      # the names Compare gives the same runs
+        cells = [{**c, "label": names[d]} for d in dirs for c in matrix_cells([d])]
         if not cells:
             where = dirs[0] if len(dirs) == 1 else "RUN_DIR"
             st.info(f"No attack results for {'this run' if len(dirs) == 1 else 'these runs'} yet. Runs that kept "

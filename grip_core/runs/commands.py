@@ -8,15 +8,18 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
 from ..cli import load_kwargs
+from ..fmt import pct
 from ..moe import load_model
 from ..moe.errors import ConfigError, GripStudioError
 from .compare import GRIP_MODES, TABLE_COLUMNS, compare, compare_in_processes, format_table, make_config
 from .config import RunConfig
 from .data import UnlearningData
+from .job import JobProgress
 from .report import RunReport
 from .store import DEFAULT_RUNS_DIR, atomic_write_json, atomic_write_text
 
@@ -119,6 +122,29 @@ def _write_table(stem: str, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def phase_lines(every: int, write: Callable[[str], None]) -> Callable[[JobProgress], None]:
+    """A JobProgress callback that writes one line when a job enters a phase, and one every `every` training
+    steps (0: none) with the step's loss (and its probes' EMs when that step measured them).
+
+    Lines read "[graddiff/update] train: step 20 / 60 · loss 1.234"; `write` gets each line (the CLI passes
+    tqdm.write to stderr, so the lines print above the run bar, not through it).
+    """
+    last: dict[str, str] = {}
+
+    def on_event(p: JobProgress) -> None:
+        name = p.job or "run"
+        step_line = p.phase == "train" and p.row is not None and every and p.steps_done % every == 0
+        if p.phase == last.get(name) and not step_line:
+            return
+        last[name] = p.phase
+        line = f"[{name}] {p.phase}: {p.text}"
+        if p.row is not None:
+            line += f" · loss {p.row['loss']:.3f}" + "".join(
+                f" · {k.replace('_', ' ')} {pct(p.row[k])}" for k in ("forget_em", "retain_em") if p.row.get(k) is not None)
+        write(line)
+    return on_event
+
+
 def cmd_compare(args) -> int:
     from ..methods.base import method_class
 
@@ -133,6 +159,8 @@ def cmd_compare(args) -> int:
     if unknown:
         raise ConfigError(f"--grip-modes: unknown mode(s) {unknown}; choose from {sorted(GRIP_MODES)}")
     steps = _steps(args)
+    if args.log_every < 0:
+        raise ConfigError(f"--log-every must be >= 0, got {args.log_every}")
     data = _data(args)
     for w in data.warnings:
         _warn(w)
@@ -146,10 +174,13 @@ def cmd_compare(args) -> int:
         bar.update(1)
         bar.set_postfix_str(f"{row['method']}/{row['grip']}: {row['status']}")
     workers = min(args.workers or os.cpu_count() or 1, len(methods) * len(modes))
+    progress = phase_lines(args.log_every, lambda line: tqdm.write(line, file=sys.stderr))
     common = dict(preset=args.preset, seed=args.seed, steps=steps, runs_dir=args.runs_dir, on_row=on_row,
+                  progress=progress,
                   eval_every=args.eval_every, final_eval_examples=args.final_eval_examples, max_length=args.max_length,
                   model=str(args.model), **_data_record(data))
     if workers > 1:     # the model loaded above already failed early on a bad path / non-MoE model
+        common.pop("model")                   # its `model` argument is recorded in every run's config
         rows = compare_in_processes(moe, args.model, data, methods, modes, workers, **common)
     else:
         rows = compare(moe, data, methods, modes, **common)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from typing import Callable
 
@@ -75,23 +76,31 @@ def compare(moe: MoEModel, data: UnlearningData, methods: list[str], grip_modes:
 def compare_in_processes(moe: MoEModel, model: str, data: UnlearningData, methods: list[str],
                          grip_modes: list[str], workers: int, preset: str = DEFAULT_PRESET,
                          seed: int = RunConfig.seed, steps: int = RunConfig.steps, runs_dir=None, on_row: Callable[[dict], None] | None = None,
-                         **config_overrides) -> list[dict]:
+                         progress: Callable[[JobProgress], None] | None = None, **config_overrides) -> list[dict]:
     """compare() with the runs spread over `workers` spawned processes, one torch thread each.
 
     `moe` is `model` (a grip_core.moe.load_model source) loaded here: the Baseline is measured on
     it once, while the workers start and load their own copy, and sent to every run (each worker
     keeps the first copy it gets, so its GRIP runs share one fit); rows come back in compare()'s order.
+    `progress` gets the workers' JobProgress events (job = "method/mode"), sent back through a queue and
+    called from a thread of this process.
     Footgun: one thread per process instead of torch's default can change float sums in the last
     bits, so a row may differ from a one-process compare() by rounding, never by more.
     """
     import multiprocessing as mp
 
-    configs = [(m, g, make_config(m, g, preset, seed, steps, **config_overrides)) for m in methods for g in grip_modes]
+    configs = [(m, g, make_config(m, g, preset, seed, steps, model=str(model), **config_overrides))
+               for m in methods for g in grip_modes]
     # the longest runs first (GRIP fits, reference-model methods), so no worker idles at the end
     cost = lambda c: (c[1] != "off", c[0] in ("npo", "graddiff"), c[1] == "drift")
     order = sorted(range(len(configs)), key=lambda i: cost(configs[i]), reverse=True)
     rows: list[dict | None] = [None] * len(configs)
-    with mp.get_context("spawn").Pool(max(1, min(workers, len(configs))), _worker_init, (model, moe.load_kwargs())) as pool:
+    ctx = mp.get_context("spawn")
+    events = ctx.Queue() if progress else None
+    relay = threading.Thread(target=_relay, args=(events, progress), daemon=True) if progress else None
+    if relay:
+        relay.start()
+    with ctx.Pool(max(1, min(workers, len(configs))), _worker_init, (model, moe.load_kwargs(), events)) as pool:
         baseline = Baseline.compute(moe, data, configs[0][2])           # meanwhile the workers load the model
         token = f"{os.getpid()}-{time.time_ns()}"                        # this compare's Baseline, in the workers
         tasks = [(data, baseline, token, *configs[i], runs_dir) for i in order]
@@ -100,28 +109,43 @@ def compare_in_processes(moe: MoEModel, model: str, data: UnlearningData, method
             if on_row:
                 on_row(row)
         pool.close()        # let the workers exit cleanly (a terminate() leaks their semaphores)
-        pool.join()
+        pool.join()         # a worker exits only once its queued events are sent
+    if relay:                                     # (on an error the daemon relay is left waiting: harmless)
+        events.put(None)    # after the workers' last event
+        relay.join()
     return rows
+
+
+def _relay(events, progress: Callable[[JobProgress], None]) -> None:
+    """Call `progress` with each event the workers queue, until None."""
+    for event in iter(events.get, None):
+        progress(event)
 
 
 _WORKER_MODEL: list[MoEModel] = []
 _WORKER_BASELINES: dict[str, Baseline] = {}
+_WORKER_EVENTS: list = []            # the parent's progress queue, when it wants the events
 
 
-def _worker_init(model: str, load: dict | None = None) -> None:
+def _worker_init(model: str, load: dict | None = None, events=None) -> None:
     import torch
 
     from ..moe import load_model
 
     torch.set_num_threads(1)
     _WORKER_MODEL.append(load_model(model, **(load or {})))
+    if events is not None:
+        _WORKER_EVENTS.append(events)
 
 
 def _compare_task(task: tuple) -> dict:
     """One (method, mode) run in a worker process, on the model its initializer loaded."""
     data, baseline, token, method, mode, config, runs_dir = task
     baseline = _WORKER_BASELINES.setdefault(token, baseline)                  # keeps the GRIP fits it collects
-    result = run_unlearning(_WORKER_MODEL[0], config, data, baseline=baseline, runs_dir=runs_dir)
+    on_phase = None
+    if _WORKER_EVENTS:
+        on_phase = lambda p: _WORKER_EVENTS[0].put(dataclasses.replace(p, job=f"{method}/{mode}"))
+    result = run_unlearning(_WORKER_MODEL[0], config, data, baseline=baseline, runs_dir=runs_dir, on_phase=on_phase)
     return result_row(method, mode, result)
 
 

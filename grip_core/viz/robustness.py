@@ -8,6 +8,9 @@ Plain data in, plotly figures out:
 - `ledger_bars(cells)`: share of ‖ΔΘ‖² by parameter group, one stacked bar per cell ({"label", "ledger":
   {group: share}}).
 - `ledger_expert_heatmap(rows)`: one run's routed-expert shares, MoE layer x expert.
+
+Run names are long ("GradDiff · GRIP update · shortcut · seed 0 · 60 steps") and these figures often get half
+a page: row labels are wrapped (`wrap_label`) and y margins sized to them, so the cells keep the width.
 """
 from __future__ import annotations
 
@@ -58,53 +61,85 @@ def attack_columns(cells: Sequence[Mapping]) -> list[str]:
     return out
 
 
+def wrap_label(label: str, width: int = 24, sep: str = " · ") -> str:
+    """A long axis label on several lines ("<br>"), broken between its `sep`-joined parts (or its words when
+    it has none), each line at most `width` characters where a part allows: run names such as
+    "GradDiff · GRIP update · shortcut · seed 0 · 60 steps" would otherwise take half a figure's width."""
+    parts = label.split(sep) if sep in label else label.split(" ")
+    joiner = sep if sep in label else " "
+    lines: list[str] = []
+    for part in parts:
+        if lines and len(lines[-1]) + len(joiner) + len(part) <= width:
+            lines[-1] += joiner + part
+        else:
+            lines.append(part)
+    return "<br>".join(lines)
+
+
 def robustness_heatmap(cells: Sequence[Mapping], title: str | None = "Did it really forget?",
-                       subtitle: str | None = "share of the forgotten answers each attack brought back "
-                                              "(0 % = none, 100 % = all); hover for the numbers") -> go.Figure:
-    """Method x mode rows, attack columns, colour = recovered; blank where nothing was forgotten."""
+                       subtitle: str | None = "share of the forgotten answers brought back") -> go.Figure:
+    """Method x mode rows, attack columns, colour = recovered; blank where nothing was forgotten.
+
+    Footgun: row labels are wrapped (`wrap_label`) and must stay unique (plotly merges equal y values);
+    the hover names each row in full.
+    """
     columns = attack_columns(cells)
+    labels = [str(c.get("label", "?")) for c in cells]
     z, text, hover = [], [], []
-    for c in cells:
+    for c, label in zip(cells, labels):
         by = {r["attack"]: r for r in c.get("robustness") or []}
         zr, tr, hr = [], [], []
         for a in columns:
             r = by.get(a)
+            head = f"<b>{label}</b> · {ATTACK_NAMES.get(a, a)}<br>"
             if r is None:
-                zr.append(math.nan), tr.append(""), hr.append("not run")
+                zr.append(math.nan), tr.append(""), hr.append(head + "not run")
                 continue
             rec = _num(r.get("recovered"))
             zr.append(rec)
             tr.append(pct(rec, digits=0, missing="—"))
-            hr.append(f"{r.get('setting', '')}<br>recovered {pct(rec, missing='— (nothing forgotten)')}"
+            hr.append(f"{head}{r.get('setting', '')}<br>recovered {pct(rec, missing='— (nothing forgotten)')}"
                       f"<br>EM: base {pct(r.get('base_em'), missing='—')} (under attack) · unlearned "
                       f"{pct(r.get('unlearned_em'), missing='—')} · attacked {pct(r.get('attacked_em'), missing='—')}"
                       f"<br>answer prob.: base {pct(r.get('base_prob'), missing='—')} · unlearned "
                       f"{pct(r.get('unlearned_prob'), missing='—')} · attacked {pct(r.get('attacked_prob'), missing='—')}"
                       f"<br>routing shift {pct(r.get('routing_shift'), missing='—')} · n = {r.get('n')}")
         z.append(zr), text.append(tr), hover.append(hr)
+    rows = [wrap_label(label) for label in labels]
+    lines = max((r.count("<br>") + 1 for r in rows), default=1)
     fig = go.Figure(go.Heatmap(
-        z=z, x=[ATTACK_NAMES.get(a, a) for a in columns], y=[str(c.get("label", "?")) for c in cells],
-        zmin=0, zmax=1, colorscale="Reds", text=text, texttemplate="%{text}", customdata=hover,
-        hovertemplate="<b>%{y}</b> · %{x}<br>%{customdata}<extra></extra>",
-        colorbar=dict(title="recovered", tickformat=".0%")))
+        z=z, x=[wrap_label(ATTACK_NAMES.get(a, a), width=10) for a in columns], y=rows,
+        zmin=0, zmax=1, colorscale="Reds", text=text, texttemplate="%{text}", textfont=dict(size=14),
+        customdata=hover, hovertemplate="%{customdata}<extra></extra>", xgap=2, ygap=2,
+        colorbar=dict(title=dict(text="recovered", side="right"), tickformat=".0%", thickness=14,
+                      tickvals=[0, 0.5, 1])))
+    fig.update_xaxes(tickangle=0)                      # wrapped names, never slanted
     fig.update_yaxes(autorange="reversed")
-    return apply_style(fig, title, subtitle=subtitle, height=max(260, 120 + 48 * len(cells)))
+    fig = apply_style(fig, title, subtitle=subtitle, height=170 + max(48, 18 * lines + 14) * max(len(cells), 2))
+    fig.update_layout(margin=dict(l=10, b=50))
+    fig.update_yaxes(automargin=True)
+    return fig
 
 
 def ledger_bars(cells: Sequence[Mapping], title: str | None = "Where did the update land?",
                 subtitle: str | None = "share of ‖ΔΘ‖² by parameter group") -> go.Figure:
-    """One stacked horizontal bar per cell: its ledger summary {group: share}."""
+    """One stacked horizontal bar per cell: its ledger summary {group: share}. Row labels wrapped as in
+    `robustness_heatmap` (unique labels stay unique); the legend sits under the axis, in pixels from the bottom."""
     fig = go.Figure()
     labels = [str(c.get("label", "?")) for c in cells]
+    rows = [wrap_label(label) for label in labels]
+    lines = max((r.count("<br>") + 1 for r in rows), default=1)
     groups = [g for g in GROUP_NAMES if any(_num((c.get("ledger") or {}).get(g)) > 0 for c in cells)]
     for g in groups:
         shares = [_num((c.get("ledger") or {}).get(g)) for c in cells]
-        fig.add_trace(go.Bar(y=labels, x=shares, orientation="h", name=GROUP_NAMES[g],
+        fig.add_trace(go.Bar(y=rows, x=shares, orientation="h", name=GROUP_NAMES[g], customdata=labels,
                              marker_color=GROUP_COLORS[g], text=[pct(s, digits=0, missing="") for s in shares],
-                             hovertemplate=f"<b>%{{y}}</b><br>{GROUP_NAMES[g]}: %{{x:.1%}}<extra></extra>"))
-    fig.update_layout(barmode="stack", xaxis=dict(range=[0, 1], tickformat=".0%", title="share of ‖ΔΘ‖²"))
-    fig.update_yaxes(autorange="reversed")
-    return apply_style(fig, title, subtitle=subtitle, height=max(240, 140 + 44 * len(cells)))
+                             hovertemplate=f"<b>%{{customdata}}</b><br>{GROUP_NAMES[g]}: %{{x:.1%}}<extra></extra>"))
+    fig.update_layout(barmode="stack", xaxis=dict(range=[0, 1], tickformat=".0%"))
+    fig.update_yaxes(autorange="reversed", automargin=True)
+    fig = apply_style(fig, title, subtitle=subtitle, height=210 + max(44, 18 * lines + 14) * max(len(cells), 2))
+    fig.update_layout(margin=dict(l=10, b=70), legend=dict(yref="container", y=0.0, yanchor="bottom"))
+    return fig
 
 
 def ledger_expert_heatmap(rows: Sequence[Mapping], title: str | None = "Routed experts' share of the update",
@@ -123,5 +158,5 @@ def ledger_expert_heatmap(rows: Sequence[Mapping], title: str | None = "Routed e
     return apply_style(fig, title, subtitle=subtitle, height=max(240, 120 + 40 * len(layers)))
 
 
-__all__ = ["ATTACK_NAMES", "GROUP_NAMES", "GROUP_COLORS", "attack_columns", "robustness_heatmap",
+__all__ = ["ATTACK_NAMES", "GROUP_NAMES", "GROUP_COLORS", "attack_columns", "wrap_label", "robustness_heatmap",
            "ledger_bars", "ledger_expert_heatmap"]
