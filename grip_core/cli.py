@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="re-run a study cell, a run folder or a study folder and diff the numbers")
     p.add_argument("path", help="a cell (cells/<name>--<id>.json), a run folder (config.json) or a study folder")
     p.add_argument("--tolerance", type=float, default=0.0, help="numbers closer than this count as equal")
+    p.add_argument("--device", default=None, help="re-run study cells here (cpu, cuda, cuda:N; default: where each "
+                   "cell ran, or the CPU for a GPU cell on a machine without one)")
     from .attacks.cli import add_attack_parser
     add_attack_parser(sub, _add_load_args)
     return parser

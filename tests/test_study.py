@@ -247,3 +247,15 @@ def test_committed_robustness_and_demo_fine_studies_match_their_reports_and_the_
         if sub == "robustness":
             assert all(len(c["robustness"]) == 9 for c in study["cells"])
     assert "| **demo-fine · domain · shortcut** |" in readme and "| relearning (all) recovers |" in readme
+
+
+def test_a_gpu_made_cell_reruns_on_the_cpu_where_there_is_no_gpu():
+    import torch
+
+    from grip_core.runs.reproduce import where_to_run
+
+    spec = {"load": {"device": "cuda", "dtype": "float32"}}
+    assert where_to_run(spec, "cpu") == {"device": "cpu", "dtype": "float32"}
+    assert where_to_run({"load": {"dtype": "float32"}}) == {"dtype": "float32"}
+    if not torch.cuda.is_available():
+        assert where_to_run(spec) == {"device": "cpu", "dtype": "float32"}

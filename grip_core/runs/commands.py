@@ -465,7 +465,7 @@ def cmd_study(args) -> int:
 def cmd_reproduce(args) -> int:
     from .reproduce import format_diff, reproduce
 
-    results = reproduce(Path(args.path), tolerance=args.tolerance)
+    results = reproduce(Path(args.path), tolerance=args.tolerance, device=args.device)
     for name, d in results:
         print(format_diff(name, d))
     return 0 if all(not d for _, d in results) else 1

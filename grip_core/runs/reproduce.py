@@ -56,15 +56,30 @@ def diff(saved: dict, now: dict, tolerance: float = 0.0) -> list[tuple[str, obje
     return out
 
 
-def reproduce_cell(path: Path, runs_dir: Path | None = None) -> tuple[dict, dict]:
-    """(saved cell, the cell re-run from its spec)."""
+def where_to_run(spec: dict, device: str | None = None) -> dict:
+    """The spec's load settings with the device to re-run on: `device` if given, else the cell's own, except
+    that a cell made on CUDA re-runs on the CPU where no GPU is available (same dtype: the numbers then
+    differ by rounding only, which the diff shows)."""
+    import torch
+
+    load = dict(spec.get("load") or {})
+    if device is not None:
+        load["device"] = device
+    elif str(load.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
+        load["device"] = "cpu"
+    return load
+
+
+def reproduce_cell(path: Path, runs_dir: Path | None = None, device: str | None = None) -> tuple[dict, dict]:
+    """(saved cell, the cell re-run from its spec; on `device` if given, see where_to_run)."""
     from .study import run_cell
 
     saved = json.loads(Path(path).read_text())
     if "spec" not in saved:
         raise ConfigError(f"{path}: not a study cell with a spec (made before cell ids? migrate it first)")
+    spec = {**saved["spec"], "load": where_to_run(saved["spec"], device)}
     with tempfile.TemporaryDirectory() as tmp:
-        now = run_cell(saved["spec"], runs_dir or tmp)
+        now = run_cell(spec, runs_dir or tmp)
     return {k: v for k, v in saved.items() if k != "key"}, {k: v for k, v in now.items() if k != "key"}
 
 
@@ -90,17 +105,24 @@ def reproduce_run(path: Path, runs_dir: Path | None = None) -> tuple[dict, dict]
     return as_json(run.summary, run.steps), as_json(result.summary, result.step_log)   # both as JSON (tuples -> lists)
 
 
-def reproduce(path: Path, tolerance: float = 0.0) -> list[tuple[str, list]]:
-    """[(what, diff)] for a cell file, a run folder, or every cell of a study folder."""
+def _label(path: Path, device: str | None) -> str:
+    spec = json.loads(Path(path).read_text()).get("spec") or {}
+    made, now = (spec.get("load") or {}).get("device"), where_to_run(spec, device).get("device")
+    return path.name + (f" (made on {made}, re-run on {now})" if made and now != made else "")
+
+
+def reproduce(path: Path, tolerance: float = 0.0, device: str | None = None) -> list[tuple[str, list]]:
+    """[(what, diff)] for a cell file, a run folder, or every cell of a study folder (cells re-run on
+    `device` if given, else where they ran, or on the CPU if that was a GPU this machine lacks)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".json":
-        return [(path.name, diff(*reproduce_cell(path), tolerance))]
+        return [(_label(path, device), diff(*reproduce_cell(path, device=device), tolerance))]
     if (path / "config.json").is_file():
         return [(path.name, diff(*reproduce_run(path), tolerance))]
     cells = sorted(p for p in (path / "cells").glob("*--*.json") if not p.name.startswith("lr__"))
     if not cells:
         raise ConfigError(f"{path}: not a study cell, a run folder (config.json) or a study folder (cells/)")
-    return [(p.name, diff(*reproduce_cell(p), tolerance)) for p in cells]
+    return [(_label(p, device), diff(*reproduce_cell(p, device=device), tolerance)) for p in cells]
 
 
 def format_diff(name: str, d: list) -> str:
