@@ -178,6 +178,8 @@ MODES: MappingProxyType = MappingProxyType({
     "gradient": _mode("project router gradients before the step (exact for SGD only; no margins)", mode="gradient"),
     "drift": _mode("update mode + every 10 steps re-capture router inputs, ridge-correct and refit",
                    mode="update", drift_every=10),
+    "anchor": _mode("update mode + a loss term (λ 1000) holding retained tokens' router inputs at the base's",
+                    mode="update", input_anchor=1000.0),
     "update-relative": _mode("update mode with the relative (99.9 % energy) threshold: more plastic, approximate",
                              mode="update", threshold_kind="relative"),
 })
