@@ -95,7 +95,6 @@ def test_input_anchor_holds_retained_router_inputs(demo, data):
     from grip_core.data import encode_qa
     from grip_core.grip.anchor import RouterInputAnchor
     from grip_core.runs.compare import make_config
-    from grip_core.runs.evaluate import Baseline
     from grip_core.runs.job import Job
 
     batches = [encode_qa(demo.tokenizer, data.retain_eval, max_length=64)]
@@ -103,11 +102,11 @@ def test_input_anchor_holds_retained_router_inputs(demo, data):
     base_trace.meta["batches"] = batches
     drift, logs = {}, {}
     baseline = None
-    for anchor in (0.0, 1000.0):
+    for lam in (0.0, 1000.0):
         config = make_config("graddiff", "update", "shortcut", 0, 6, eval_every=0, eval_examples=8,
                              final_eval_examples=8, grip_fit_examples=64)
         config.scope = dataclasses.replace(config.scope, lr=1e-3)
-        config.grip = dataclasses.replace(config.grip, input_anchor=anchor)
+        config.grip = dataclasses.replace(config.grip, input_anchor=lam)
         job = Job(demo, config, data, baseline=baseline, save=False)
         with job.guard():
             job.prepare()
@@ -115,7 +114,7 @@ def test_input_anchor_holds_retained_router_inputs(demo, data):
             while job.step():
                 pass
         baseline = job.baseline
-        drift[anchor], logs[anchor] = _retained_input_drift(job.work, base_trace), job.step_log
+        drift[lam], logs[lam] = _retained_input_drift(job.work, base_trace), job.step_log
     assert logs[1000.0][0]["input_anchor"] == 0.0 and logs[1000.0][-1]["input_anchor"] > 0
     assert "input_anchor" not in logs[0.0][0]
     assert 0 < drift[1000.0] < 0.5 * drift[0.0], drift

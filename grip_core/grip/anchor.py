@@ -1,9 +1,9 @@
 """Router-input anchor: a retain-side loss term that keeps the routers' INPUTS still on retained tokens.
 
 GRIP keeps each router row's update in the null space of the retained inputs routed to that expert, so
-the routers themselves no longer move retained selection. The experts (and attention) below a router still
-change what the router is fed, and that input drift is all the retained instability plain GRIP has left.
-The anchor adds to the method's loss
+the routers themselves no longer move retained selection. The experts (and attention, where it trains)
+below a router still change what the router is fed, and that input drift is all the retained instability
+plain GRIP has left. The anchor adds to the method's loss
 
     λ · mean_{l ∈ anchored layers}  Σ_n ‖h_l(x_n) − h_l^base(x_n)‖² / Σ_n ‖h_l^base(x_n)‖²
 

@@ -4,8 +4,8 @@ The arms run one after the other on one shared Baseline, with the study's settin
 every 10 steps on 64 examples, stop once forget EM < 0.1, at most 200 steps, final probes on 200 examples).
 Vanilla (GRIP "off" at its calibrated lr) runs first, between the GRIP arms and last (V A V B V ...), so the
 machine's drift over the minutes is visible; each ratio is against the mean of all vanilla runs. One more
-vanilla run before them all warms the process up (the first run in a process was ~1.5x slower on the demo:
-one-time costs) and is left out of the rows. Every GRIP arm pays its own fit (the
+vanilla run before them all warms the process up (one-time costs; in a first timing without it the process's
+first run took 1.6x the later vanilla runs' time) and is left out of the rows. Every GRIP arm pays its own fit (the
 Baseline's fit cache is cleared before each arm), as a lone run does.
 
     PYTHONPATH=. python docs/study/gripx/time_runs.py --method graddiff --seed 0 \\
