@@ -77,6 +77,15 @@ def test_input_anchor_is_validated():
         GRIPConfig(mode="off", input_anchor=1.0)
     with pytest.raises(ConfigError, match="input_anchor_layers must be >= 0"):
         GRIPConfig(input_anchor_layers=-1)
+    from types import SimpleNamespace
+
+    from grip_core.integrations import check_trainer_supported
+
+    moe = MoEModel(build_tiny_model("olmoe", seed=0))             # the Trainer computes the loss: refused there
+    ids = torch.randint(3, 128, (4, 8), generator=torch.Generator().manual_seed(0))
+    grip = GRIP.fit(moe, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], GRIPConfig(input_anchor=1.0))
+    with pytest.raises(ValueError, match="input_anchor"):
+        check_trainer_supported(SimpleNamespace(deepspeed=None, fsdp=None, distributed_state=None), grip, moe.model)
 
 
 def _retained_input_drift(work: MoEModel, base_trace) -> float:
