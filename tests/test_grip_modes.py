@@ -66,3 +66,74 @@ def test_cached_margin_scores_track_the_router():
         moe.layers[0].router_weight.add_(0.1)                                # outside GRIP
     assert torch.equal(grip._scores(grip._projector(0, False), router_matrix(moe.layers[0])),
                        router_matrix(moe.layers[0]) @ grip._projector(0, False).X_full.T)
+
+
+def test_input_anchor_is_validated():
+    from grip_core.moe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="input_anchor must be >= 0"):
+        GRIPConfig(input_anchor=-1.0)
+    with pytest.raises(ConfigError, match="input_anchor needs a GRIP mode other than 'off'"):
+        GRIPConfig(mode="off", input_anchor=1.0)
+    with pytest.raises(ConfigError, match="input_anchor_layers must be >= 0"):
+        GRIPConfig(input_anchor_layers=-1)
+    from types import SimpleNamespace
+
+    from grip_core.integrations import check_trainer_supported
+
+    moe = MoEModel(build_tiny_model("olmoe", seed=0))             # the Trainer computes the loss: refused there
+    ids = torch.randint(3, 128, (4, 8), generator=torch.Generator().manual_seed(0))
+    grip = GRIP.fit(moe, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], GRIPConfig(input_anchor=1.0))
+    with pytest.raises(ValueError, match="input_anchor"):
+        check_trainer_supported(SimpleNamespace(deepspeed=None, fsdp=None, distributed_state=None), grip, moe.model)
+
+
+def _retained_input_drift(work: MoEModel, base_trace) -> float:
+    """Mean over MoE layers of Σ‖h − h_base‖² / Σ‖h_base‖² on the traced retained tokens."""
+    drift = [(h - h0).pow(2).sum() / h0.pow(2).sum() for h, h0 in zip(work.trace(
+        base_trace.meta["batches"], keep_inputs=True).inputs, base_trace.inputs)]
+    return float(torch.stack(drift).mean())
+
+
+def test_input_anchor_holds_retained_router_inputs(demo, data):
+    """The anchor is exactly 0 on the first step (the job's copy is the base), positive after; the retained
+    tokens' router inputs drift less with it than without; GA (no retain forward) gets the same value."""
+    import copy
+    import dataclasses
+
+    from grip_core.data import encode_qa
+    from grip_core.grip.anchor import RouterInputAnchor
+    from grip_core.runs.compare import make_config
+    from grip_core.runs.job import Job
+
+    batches = [encode_qa(demo.tokenizer, data.retain_eval, max_length=64)]
+    base_trace = demo.trace(batches, keep_inputs=True)
+    base_trace.meta["batches"] = batches
+    drift, logs = {}, {}
+    baseline = None
+    for lam in (0.0, 1000.0):
+        config = make_config("graddiff", "update", "shortcut", 0, 6, eval_every=0, eval_examples=8,
+                             final_eval_examples=8, grip_fit_examples=64)
+        config.scope = dataclasses.replace(config.scope, lr=1e-3)
+        config.grip = dataclasses.replace(config.grip, input_anchor=lam)
+        job = Job(demo, config, data, baseline=baseline, save=False)
+        with job.guard():
+            job.prepare()
+            job.fit()
+            while job.step():
+                pass
+        baseline = job.baseline
+        drift[lam], logs[lam] = _retained_input_drift(job.work, base_trace), job.step_log
+    assert logs[1000.0][0]["input_anchor"] == 0.0 and logs[1000.0][-1]["input_anchor"] > 0
+    assert "input_anchor" not in logs[0.0][0]
+    assert 0 < drift[1000.0] < 0.5 * drift[0.0], drift
+
+    work = copy.deepcopy(demo.model)                           # GA's path (an extra forward) = the method's path
+    with torch.no_grad():
+        for layer in MoEModel(work).layers[:-1]:
+            layer.experts.down_proj.mul_(1.1)
+    anchor = RouterInputAnchor(MoEModel(work).layers, demo.model, 1.0, last_layers=2)
+    own = anchor.loss(work, batches[0], {})
+    with anchor.watch(work, batches[0]) as seen:
+        work(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"])
+    assert own > 0 and len(seen) == 2 and torch.equal(anchor.loss(work, batches[0], seen), own)

@@ -82,6 +82,12 @@ class GRIPConfig:
         untouched outside span(X̃). "paper": Θ̃+Δ = ΘXX̃ᵀ(X̃X̃ᵀ+λI)⁻¹, which ZEROES the router
         outside span(X̃) (identical when X̃ spans R^d and is well conditioned). A layer's
         correction is kept only if cos(ΘX, (Θ̃+Δ)X̃) ≥ correction_min_cos.
+    input_anchor / input_anchor_layers
+        input_anchor = λ ≥ 0 (0 = off): add λ · the mean relative squared drift of the router inputs of the
+        retain batch's tokens from the frozen base model's to the method's loss (grip/anchor.py), so the
+        blocks below each router keep its retained inputs still. A loss term: the job loop adds it, not
+        GRIP.wrap; it costs one no-grad forward of a frozen base copy per step. Needs mode != "off".
+        input_anchor_layers: anchor only the last n MoE layers (0 = every MoE layer).
     """
 
     mode: Mode = "update"
@@ -101,13 +107,15 @@ class GRIPConfig:
     ridge_lambda: float = 1e-6
     ridge_form: RidgeForm = "delta"
     correction_min_cos: float = 0.95
+    input_anchor: float = 0.0
+    input_anchor_layers: int = 0
     seed: int = 0
 
     def __post_init__(self):
         from ..typecheck import check_fields
 
         check_fields(self, "grip")
-        for name in ("eps_null", "energy", "margin_eps", "ridge_lambda", "correction_min_cos"):
+        for name in ("eps_null", "energy", "margin_eps", "ridge_lambda", "correction_min_cos", "input_anchor"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
         for name, kind in (("mode", Mode), ("threshold_kind", ThresholdKind), ("margin_method", MarginMethod),
@@ -121,11 +129,16 @@ class GRIPConfig:
             raise ConfigError(f"energy must be in (0, 1], got {self.energy}")
         if self.margin_eps < 0:
             raise ConfigError(f"margin_eps must be >= 0, got {self.margin_eps}")
-        for name in ("kaczmarz_iters", "max_margin_rows", "probe_tokens", "drift_every", "fit_layers_per_pass"):
+        for name in ("kaczmarz_iters", "max_margin_rows", "probe_tokens", "drift_every", "fit_layers_per_pass",
+                     "input_anchor_layers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.ridge_lambda < 0:
             raise ConfigError(f"ridge_lambda must be >= 0, got {self.ridge_lambda}")
+        if self.input_anchor < 0:
+            raise ConfigError(f"input_anchor must be >= 0, got {self.input_anchor}")
+        if self.input_anchor > 0 and self.mode == "off":
+            raise ConfigError("input_anchor needs a GRIP mode other than 'off' (a vanilla run adds no loss term)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -165,6 +178,8 @@ MODES: MappingProxyType = MappingProxyType({
     "gradient": _mode("project router gradients before the step (exact for SGD only; no margins)", mode="gradient"),
     "drift": _mode("update mode + every 10 steps re-capture router inputs, ridge-correct and refit",
                    mode="update", drift_every=10),
+    "anchor": _mode("update mode + a loss term (λ 1000) holding retained tokens' router inputs at the base's",
+                    mode="update", input_anchor=1000.0),
     "update-relative": _mode("update mode with the relative (99.9 % energy) threshold: more plastic, approximate",
                              mode="update", threshold_kind="relative"),
 })

@@ -60,6 +60,9 @@ def check_trainer_supported(args, grip, model=None) -> None:
         raise ValueError(_DEEPSPEED)
     if getattr(args, "fsdp", None) or "FSDP" in dist or env("ACCELERATE_USE_FSDP"):
         raise ValueError(_FSDP)
+    if grip.config.input_anchor:
+        raise ValueError("GRIPCallback cannot add GRIPConfig.input_anchor's loss term (the Trainer computes the loss): "
+                         "set input_anchor=0, or add grip_core.grip.anchor.RouterInputAnchor's loss in compute_loss")
     for layer in grip.moe.layers:
         W = layer.router_weight
         dtensor = "DTensor" in (type(W).__name__, type(W.data).__name__)          # FSDP2 shards into DTensors

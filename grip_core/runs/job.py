@@ -43,8 +43,9 @@ import torch
 from ..attacks.ledger import update_ledger
 from ..data import encode_qa
 from ..grip import GRIP
+from ..grip.anchor import RouterInputAnchor
 from ..grip.fit import fit_retain_statistics
-from ..methods import get_method
+from ..methods import MethodLoss, get_method
 from ..moe import MoEModel
 from ..scope import build_param_groups
 from .config import RunConfig
@@ -205,6 +206,7 @@ class Job:
         self.step_seconds: list[float] = []
         self.grip_seconds: list[float] = []
         self.grip, self.fit_seconds, self.fit_cached, self.work = None, 0.0, False, None
+        self.anchor: RouterInputAnchor | None = None       # GRIPConfig.input_anchor's loss term, made in `fit`
         self.stopped_early = self.trained = False          # stop_at_forget_em reached / no step left
         self.t0, self.t_end = time.perf_counter(), None
         outer = _rng_state()
@@ -270,7 +272,7 @@ class Job:
             with self._watch("prepare", text, probe_rows(self.data, cfg, "prepare")):
                 self.baseline = dist.on_main(Baseline.compute, self.work, self.data, cfg)   # [distributed] rank 0
         self.method = get_method(cfg.method, **cfg.method_args)
-        if self.method.needs_reference and self.reference is None:
+        if (self.method.needs_reference or cfg.grip.input_anchor) and self.reference is None:
             self.reference = dist.place_model(copy.deepcopy(self.moe.model), batches=False).eval().requires_grad_(False)
         self.groups = build_param_groups(model, self.work, cfg.scope)
         self.params = [p for g in self.groups for p in g["params"]]
@@ -300,6 +302,9 @@ class Job:
                     self.baseline.grip_fits[key] = copy.deepcopy(state)                # drift mode edits its copy
             self.grip = GRIP(self.work, state, cfg.grip)
             self.optimizer = self.grip.wrap(self.optimizer)
+            if cfg.grip.input_anchor:     # a loss term on the router inputs (grip/anchor.py): GRIP never sees the loss
+                self.anchor = RouterInputAnchor(self.work.layers, self.reference, cfg.grip.input_anchor,
+                                                cfg.grip.input_anchor_layers)
             if self.writer:
                 self.writer.write_json("grip_ranks.json", grip_rank_report(self.grip))
         self.fit_seconds = time.perf_counter() - t0
@@ -327,8 +332,13 @@ class Job:
         forget_batch = dist.to_device(self.encode(dist.shard(next(self.forget_stream))))  # [distributed] r::N of the
         retain_batch = dist.to_device(self.encode(dist.shard(next(self.retain_stream))))  # global batch, on device
         t_step = time.perf_counter()
+        watch = self.anchor.watch(self.work.model, retain_batch) if self.anchor else contextlib.nullcontext({})
         with dist.autocast():                                                              # [distributed]
-            out = self.method.loss(self.work.model, forget_batch, retain_batch, self.reference)
+            with watch as seen:
+                out = self.method.loss(self.work.model, forget_batch, retain_batch, self.reference)
+            if self.anchor:
+                anchor = self.anchor.loss(self.work.model, retain_batch, seen)
+                out = MethodLoss(out.total + anchor, {**out.parts, "input_anchor": anchor.item()})
         logged = dist.mean(out.total)                                                      # [distributed] = loss
         if not torch.isfinite(logged):
             raise NonFiniteLossError(f"non-finite loss ({logged.item()}) at step {step}: stopped before "
