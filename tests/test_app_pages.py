@@ -397,8 +397,11 @@ def test_findings_page(studio, tmp_path, monkeypatch):
     assert_clean(at)
     n = len(cells) - 1
     aliased = n                                           # experts+routers: shortcut's cells under a second name
+    from grip_core.runs.study import read_study
+
+    total = read_study(tmp_path)["grid"].size                      # the committed study's grid (its manifest)
     (bar,) = at.get("progress")
-    assert f"{n + aliased} of 270 cells" in bar.proto.text
+    assert f"{n + aliased} of {total} cells" in bar.proto.text
     for title in ("Restoring the original routers", "Retained stability vs forgetting", "Steps to forget"):
         figure(at, title)
     stab = figure(at, "Retained stability")
@@ -409,7 +412,7 @@ def test_findings_page(studio, tmp_path, monkeypatch):
     assert all(" " not in v for v in tables[0]["forget EM"])          # "0.048±0.033": one line, no wrapping
     shutil.copy(cells[-1], tmp_path / "cells")                         # a cell lands
     at.button(key="fd_refresh").click().run()
-    assert f"{n + 1 + aliased + 1} of 270 cells" in at.get("progress")[0].proto.text
+    assert f"{n + 1 + aliased + 1} of {total} cells" in at.get("progress")[0].proto.text
     empty = tmp_path / "empty"
     (empty / "cells").mkdir(parents=True)
     shutil.copy(src / "manifest.json", empty)

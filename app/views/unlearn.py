@@ -99,7 +99,7 @@ with st.container(border=True):
 
 with st.container(border=True):
     st.markdown("**GRIP** (the vanilla run uses the same settings with GRIP off)")
-    g1, g2, g3, g4, g5 = st.columns(5)
+    g1, g2, g3, g4, g5, g6 = st.columns(6)
     mode = state.kept(g1.selectbox, "Mode", "ul_grip_mode", GC.mode, GRIP_MODES, disabled=busy, help=MODE_HELP)
     tkind = state.kept(g2.selectbox, "Null-space threshold", "ul_grip_tkind", GC.threshold_kind,
                        list(typing.get_args(grip_config.ThresholdKind)), disabled=busy,
@@ -118,6 +118,11 @@ with st.container(border=True):
     drift_every = int(state.kept(g5.number_input, "Drift correction every", "ul_grip_drift", GC.drift_every, min_value=0,
                                  step=5, disabled=busy, help="drift-aware GRIP: every N steps re-capture the retained "
                                  "router inputs and steer the routers back (0 = off; docs/method.md#drift-aware-grip)"))
+    input_anchor = float(state.kept(g6.number_input, "Router-input anchor λ", "ul_grip_anchor", GC.input_anchor,
+                                    min_value=0.0, step=100.0, format="%g", disabled=busy,
+                                    help="the anchor mode (λ 1000): a loss term holding retained tokens' router "
+                                         "inputs at the base model's, against input drift (0 = off; GRIP run only; "
+                                         "docs/method.md#router-input-anchor)"))
 
 with st.expander("Batch and evaluation"):
     a1, a2, a3, a4 = st.columns(4)
@@ -144,7 +149,7 @@ with st.expander("Batch and evaluation"):
 scope = ScopeConfig(kind=scope_kind, lr=float(lr), router_lr_mult=float(router_mult),
                     expert_lr_mult=preset.scope.expert_lr_mult, other_lr_mult=preset.scope.other_lr_mult)
 grip_cfg = GRIPConfig(mode=mode, threshold_kind=tkind, eps_null=float(eps_null), energy=float(energy),
-                      margin_method=margin_method, drift_every=drift_every, seed=seed)
+                      margin_method=margin_method, drift_every=drift_every, input_anchor=input_anchor, seed=seed)
 scenario = key.split(":", 1)[1] if key.startswith("demo:") else "custom"
 common = dict(method=method, method_args=method_args, scope=scope, model=source, scenario=scenario, steps=steps,
               batch_size=batch_size, seed=seed, eval_every=eval_every, eval_examples=eval_examples,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import threading
 from typing import Callable
 
@@ -44,7 +45,7 @@ def pair_configs(config: RunConfig) -> dict[str, RunConfig]:
     if config.grip.mode == "off":
         raise ValueError("the GRIP config of a pair needs a GRIP mode other than 'off'")
     vanilla = copy.deepcopy(config)
-    vanilla.grip.mode = "off"
+    vanilla.grip = dataclasses.replace(config.grip, mode="off", input_anchor=0.0)    # GRIP's loss term goes too
     return {"vanilla": vanilla, "GRIP": copy.deepcopy(config)}
 
 

@@ -32,8 +32,9 @@ Footguns:
 - Bump STUDY_CODE_VERSION in any change that alters a cell's numbers (a metric, the job loop, GRIP):
   the id does not see code, and the git commit (in the manifest) would change every id on every commit.
 - The id hashes every RunConfig / GRIPConfig field, so adding a config field changes every id: the
-  committed cells then no longer match (tests/test_study.py checks they do); re-key them with
-  `rekey_cells` after checking the new field's default reproduces the old behaviour.
+  committed cells then no longer match (tests/test_study.py checks they do). If the new field's default
+  reproduces the old behaviour, list it in `_ADDED_OFF` (left out of the key at that value); otherwise
+  re-key the cells with `rekey_cells`.
 - The device is not part of the id (the dtype is: `run_study` resolves "auto" once, where it runs, and
   every task loads that dtype): a float32 cell made on a GPU shares its id with the CPU one and differs
   only by rounding; its manifest records the device.
@@ -107,7 +108,7 @@ class StudyGrid:
 
 
 FULL = StudyGrid(("domain", "entities"), ("shortcut", "full", "experts+routers"),
-                 ("ga", "graddiff", "npo", "simnpo", "rmu"), ("off", "update", "drift"), (0, 1, 2))
+                 ("ga", "graddiff", "npo", "simnpo", "rmu"), ("off", "update", "drift", "anchor"), (0, 1, 2))
 # The robustness study (issue "did it really forget?"): every attack on the key cells, 3 seeds.
 ROBUSTNESS = StudyGrid(("domain", "entities"), ("shortcut", "full"), ("graddiff", "npo", "simnpo"),
                        ("off", "update", "drift"), (0, 1, 2),
@@ -199,6 +200,9 @@ def cell_config(spec: dict):
 
 _NOT_NUMBERS = ("label", "preset", "model", "save_weights", "weights_format", "data_files")  # for the record only
 # ("preset" names the regime; the scope and method_args it set are hashed)
+# Config fields added after cells were made, at the value that reproduces the code before them: left out of the
+# key at that value (so those cells keep their ids), hashed at any other value.
+_ADDED_OFF = {("grip", "input_anchor"): 0.0, ("grip", "input_anchor_layers"): 0}
 
 
 def cell_key(spec: dict) -> dict:
@@ -208,6 +212,9 @@ def cell_key(spec: dict) -> dict:
         config.pop(k, None)
     if spec["lr"] is None:
         config["scope"].pop("lr")
+    for (section, name), off in _ADDED_OFF.items():
+        if config[section].get(name) == off:
+            config[section].pop(name)
     key = {"code_version": STUDY_CODE_VERSION, "model": model_fingerprint(spec["model"]),
            "dtype": spec["load"].get("dtype"),
            "data": data_fingerprint(spec["scenario"], spec["seed"], spec["eval_examples"]), "config": config}
@@ -836,7 +843,8 @@ def readme_block(cells: list[dict], grid: StudyGrid, robustness: list[dict] | No
     headline table (GradDiff / NPO / SimNPO means over seeds) of every run (scenario, regime). `robustness`:
     the robustness study's cells (their attacks become columns; restoration comes from every cell's own
     final report); `second`: another demo's study cells, appended as rows named `second_name`."""
-    names = {"off": "off", "update": "update", "drift": "drift-aware (every 10 steps)"}
+    names = {"off": "off", "update": "update", "drift": "drift-aware (every 10 steps)",
+             "anchor": "update + router-input anchor"}
     cols = [("forget_em", "forget EM", "{:.3f}"), ("retain_em", "retain EM", "{:.2f}"),
             ("retain_stability", "retained routing stability", "{:.2f}"),
             ("retain_stability_router_only", "new routers on original inputs", "{:.2f}")]
@@ -977,6 +985,7 @@ def _why_not(v, stab, max_steps: int) -> str:
 
 # ----------------------------------------------------------------------------------- the robustness report
 
+_MODE_ORDER = {"off": 0, "update": 1, "drift": 2, "anchor": 3}
 _ROW_NUMBERS = ("base_em", "unlearned_em", "attacked_em", "recovered", "base_prob", "unlearned_prob", "attacked_prob",
                 "routing_shift")
 
@@ -991,9 +1000,7 @@ def robustness_means(cells: list[dict]) -> list[dict]:
     out = []
     attacked = [c for c in cells if c.get("robustness")]
     for (sc, rg, method, mode), cs in sorted(group_by(attacked, "scenario", "regime", "method", "grip").items(),
-                                             key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], ("off", "update", "drift",
-                                                                                            ).index(kv[0][3])
-                                                             if kv[0][3] in ("off", "update", "drift") else 9)):
+                                             key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], _MODE_ORDER.get(kv[0][3], 9))):
         by: dict[tuple, list[dict]] = {}
         for c in cs:
             for r in c["robustness"]:
@@ -1017,7 +1024,7 @@ def robustness_summary(means: list[dict]) -> list[str]:
         return []
     from ..viz.robustness import ATTACK_NAMES
 
-    name = {"off": "vanilla", "update": "GRIP update", "drift": "GRIP drift"}
+    name = {"off": "vanilla", "update": "GRIP update", "drift": "GRIP drift", "anchor": "GRIP anchor"}
     out = []
     for regime, group in sorted(group_by(means, "regime").items()):
         modes = [m for m in name if any(x["grip"] == m for x in group)]

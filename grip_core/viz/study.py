@@ -12,8 +12,10 @@ from plotly.subplots import make_subplots
 
 from .style import BASE, GRIP, STABILITY_TARGET, VANILLA, apply_style
 
-MODE_COLORS = {"off": VANILLA, "update": GRIP, "drift": "#009E73", "gradient": "#56B4E9", "update-relative": "#CC79A7"}
-MODE_NAMES = {"off": "vanilla", "update": "GRIP update", "drift": "GRIP update + drift", "gradient": "GRIP gradient"}
+MODE_COLORS = {"off": VANILLA, "update": GRIP, "drift": "#009E73", "gradient": "#56B4E9", "update-relative": "#CC79A7",
+               "anchor": "#E69F00"}
+MODE_NAMES = {"off": "vanilla", "update": "GRIP update", "drift": "GRIP update + drift", "gradient": "GRIP gradient",
+              "anchor": "GRIP update + input anchor"}
 
 
 def _panels(rows: list[dict]) -> list[tuple[str, str]]:
