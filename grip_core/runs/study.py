@@ -512,15 +512,14 @@ def run_study(quick: bool = False, out_dir: Path | None = None, seeds: list[int]
     atomic_write_json(out_dir / "manifest.json", {
         **study_manifest, "finished": time.time(), "wall_seconds": time.time() - started,
         "cells_made": len(cell_index(out_dir / "cells")) - n_before, "cells_present": len(cells)})
+    check = _alias_check(out_dir / "cells", cells, plan.aliases)
     cells = cells + _aliased(cells, plan.aliases)
     extra = attacked_vs_plain(cells, Path(lrs_from)) if (lrs_from is not None and grid.attacks) else []
     if compare_with is not None:
         other = read_study(Path(compare_with))
-        extra = side_by_side(cells, grid, other["cells"], other["grid"],
-                             (model, other["manifest"].get("model", "demo")))
-    return study_report(cells, grid, quick, plan.aliases, _alias_check(out_dir / "cells", cells[:len(_present(plan))],
-                                                                         plan.aliases),
-                        model, _regenerate(out_dir, model, grid, compare_with, lrs_from), extra)
+        extra += side_by_side(cells, grid, other["cells"], other["grid"], (model, other["manifest"].get("model", "demo")))
+    return study_report(cells, grid, quick, plan.aliases, check, model,
+                        _regenerate(out_dir, model, grid, compare_with, lrs_from), extra)
 
 
 def _rel(path: Path) -> Path:
@@ -534,9 +533,12 @@ def _regenerate(out_dir: Path, model: str, grid: StudyGrid, compare_with: Path |
                 lrs_from: Path | None = None) -> str:
     """The command that rebuilds a study folder's report from its cells."""
     committed = " --write-committed-report" if Path(out_dir).resolve().is_relative_to(COMMITTED_DIR.resolve()) else ""
+    base = ROBUSTNESS if grid.attacks else FULL
+    lists = "".join(f" --{f.replace('_', '-')} {','.join(getattr(grid, f))}"
+                    for f in ("scenarios", "regimes", "methods", "grip_modes") if getattr(grid, f) != getattr(base, f))
     return (f"python -m grip_core study --report-only --out-dir {_rel(out_dir)}{committed}"
-            + ("" if model == "demo" else f" --model {model}")
-            + (" --robustness" if grid.attacks else "") + ("" if lrs_from is None else f" --lrs-from {_rel(lrs_from)}")
+            + ("" if model == "demo" else f" --model {model}") + (" --robustness" if grid.attacks else "") + lists
+            + ("" if lrs_from is None else f" --lrs-from {_rel(lrs_from)}")
             + ("" if compare_with is None else f" --compare-with {_rel(compare_with)}"))
 
 
