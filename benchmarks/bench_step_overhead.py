@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import _common as C  # noqa: E402
 
 NAME = "step_overhead"
-WHOLE_RUN_ARMS = ("off@1e-4", "update@1e-4", "update@3e-4", "drift@3e-4")   # vanilla first: the reference
+WHOLE_RUN_ARMS = ("off@1e-4", "update@1e-4", "update@3e-4", "drift@3e-4", "anchor@1e-3")   # vanilla first: the reference
 WHOLE_RUN_ARMS_QUICK = ("off@1e-4", "update@3e-4")
 VARIANTS: dict[str, dict | None] = {                    # name -> GRIPConfig overrides (None = no GRIP)
     "plain": None,
