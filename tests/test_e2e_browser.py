@@ -191,7 +191,7 @@ def test_main_path(server):
             _wait_idle(page)
             page.get_by_text("Batch and evaluation").click()
             page.get_by_text(SAVE_WEIGHTS).click()
-            expect(page.get_by_role("checkbox", name=SAVE_WEIGHTS)).to_be_checked()
+            expect(page.get_by_role("checkbox", name=SAVE_WEIGHTS)).to_be_checked(timeout=30_000 * SLOW)
             _wait_idle(page)
             t_job = time.time()
             page.get_by_role("button", name="Run vanilla + GRIP").click()
