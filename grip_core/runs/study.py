@@ -987,7 +987,7 @@ def _why_not(v, stab, max_steps: int) -> str:
 
 # ----------------------------------------------------------------------------------- the robustness report
 
-_MODE_ORDER = {"off": 0, "update": 1, "drift": 2, "anchor": 3}
+_MODE_ORDER = {m: i for i, m in enumerate(FULL.grip_modes)}   # rows in the grid's mode order
 _ROW_NUMBERS = ("base_em", "unlearned_em", "attacked_em", "recovered", "base_prob", "unlearned_prob", "attacked_prob",
                 "routing_shift")
 
@@ -1105,7 +1105,7 @@ def side_by_side(cells: list[dict], grid: StudyGrid, other: list[dict], other_gr
     lines = [f"## Side by side: `{names[0]}` / `{names[1]}`", "",
              f"Each entry is \"{names[0]} / {names[1]}\": the mean over each study's seeds "
              f"({names[0]}: {list(grid.seeds)}, {names[1]}: {list(other_grid.seeds)}); the same data, stopping rule "
-             "and learning-rate rule. A regime marked \"(= shortcut)\" is aliased on that model.", "",
+             "and learning-rate rule. \"(demo: = shortcut)\": on that model the regime is aliased (the same runs).", "",
              "| scenario · regime | method | GRIP | " + " | ".join(n for _, n in SIDE_BY_SIDE) + " | verdicts |",
              "|---|---|---|" + "---|" * len(SIDE_BY_SIDE) + "---|"]
     for k in keys:
@@ -1142,9 +1142,8 @@ def attacked_vs_plain(cells: list[dict], plain_dir: Path) -> list[str]:
         if not keys:
             same += 1
             continue
-        made = lambda x: (x.get("manifest") or {}).get("versions", {}).get("torch") or "before manifests"
         differ.append(f"  - {c['name']}: " + ", ".join(f"{k} {_fmt_outcome(c.get(k))} vs {_fmt_outcome(plain.get(k))}"
-                                                       for k in keys) + f" (torch {made(c)} vs {made(plain)})")
+                                                       for k in keys) + f" (torch {_torch_of(c)} vs {_torch_of(plain)})")
     if not same + len(differ):
         return []
     return ["## Reproducibility", "",
@@ -1152,6 +1151,10 @@ def attacked_vs_plain(cells: list[dict], plain_dir: Path) -> list[str]:
             f"`{_rel(Path(plain_dir))}` (same spec without the attacks) to the last digit"
             + (f"; {absent} have no plain cell there" if absent else "") + (". These differ:" if differ else "."),
             *differ, ""]
+
+
+def _torch_of(cell: dict) -> str:
+    return (cell.get("manifest") or {}).get("versions", {}).get("torch") or "before manifests"
 
 
 def _fmt_outcome(x) -> str:
